@@ -1,0 +1,46 @@
+# Every target sets up what it needs: a fresh machine needs only python3 (3.10+) and make.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PORT ?= 8888
+VENV := .venv
+BIN := $(VENV)/bin
+READY := $(VENV)/.minilora-installed
+
+.PHONY: setup test lint lab notebooks graduate student bench clean
+
+setup: $(READY)
+
+# Torch is installed first and pinned, so the package's own range never pulls a different (multi-GB) build.
+$(READY): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(READY)
+
+lint: $(READY)
+	$(BIN)/ruff check .
+
+# Lint, the graduation (drift) check, then unit, oracle and end-to-end tests plus strict nbval over notebooks/.
+test: lint
+	$(BIN)/python -m minilora graduate --check
+	$(BIN)/python -m pytest
+
+lab: $(READY)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+
+# Re-run every notebook in place and store its outputs (after editing one, then commit the result).
+notebooks: $(READY)
+	$(BIN)/python -m minilora graduate
+	$(BIN)/python -m minilora notebooks
+
+graduate: $(READY)
+	$(BIN)/python -m minilora graduate
+
+student: $(READY)
+	$(BIN)/python -m minilora student --out student
+
+bench: $(READY)
+	for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) student .pytest_cache .ruff_cache

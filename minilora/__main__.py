@@ -1,0 +1,70 @@
+"""Command line: `python -m minilora <command>` (run with --help for the list)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cmd_env(args):
+    from minilora import env
+
+    return env.main()
+
+
+def cmd_graduate(args):
+    from minilora import graduate
+
+    if args.check:
+        problems = graduate.check(REPO)
+        for problem in problems:
+            print("drift:", problem)
+        print("graduation check:", "FAILED" if problems else "every graduated module matches its notebook")
+        return 1 if problems else 0
+    changed = graduate.write(REPO)
+    print("\n".join(f"wrote {module}" for module in changed) or "every graduated module was up to date")
+    return 0
+
+
+def cmd_notebooks(args):
+    from minilora import workbook
+
+    paths = args.paths or sorted((REPO / "notebooks").glob("*.ipynb"))
+    for path in paths:
+        print(f"executing {path} ...", flush=True)
+        workbook.execute_in_place(path)
+    return 0
+
+
+def cmd_student(args):
+    from minilora import workbook
+
+    for path in workbook.write_student_editions(REPO / "notebooks", args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="versions, threads, GPU and bf16 speed, with a verdict per requirement")
+    grad = sub.add_parser("graduate", help="write the package's taught modules from the notebooks")
+    grad.add_argument("--check", action="store_true", help="only report modules that differ; exit 1 if any")
+    nbs = sub.add_parser("notebooks", help="re-execute notebooks in place (all of them by default)")
+    nbs.add_argument("paths", nargs="*", type=Path)
+    stu = sub.add_parser("student", help="write student editions (solutions removed) of every notebook")
+    stu.add_argument("--out", type=Path, default=REPO / "student")
+    return parser
+
+
+COMMANDS = {"env": cmd_env, "graduate": cmd_graduate, "notebooks": cmd_notebooks, "student": cmd_student}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
