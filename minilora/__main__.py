@@ -4,6 +4,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from minilora.memory import LLAMA_PROJECTIONS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -45,6 +47,20 @@ def cmd_student(args):
     return 0
 
 
+def cmd_plan(args):
+    from minilora.architectures import resolve_config
+    from minilora.memory import RunSettings, plan_memory
+
+    settings = RunSettings(batch_size=args.batch_size, seq_len=args.seq_len, init_r=args.init_r,
+                           target_modules=tuple(args.target_modules), double_quant=not args.no_double_quant,
+                           compute_bytes=2 if args.compute_dtype == "bfloat16" else 4,
+                           gradient_checkpointing=not args.no_gradient_checkpointing,
+                           optimizer_resident_bytes=args.resident_mib * 2**20 if args.resident_mib else None)
+    print(f"memory plan: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, init_r {args.init_r}")
+    print(plan_memory(resolve_config(args.model), settings))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,10 +71,21 @@ def build_parser():
     nbs.add_argument("paths", nargs="*", type=Path)
     stu = sub.add_parser("student", help="write student editions (solutions removed) of every notebook")
     stu.add_argument("--out", type=Path, default=REPO / "student")
+    plan = sub.add_parser("plan", help="bytes by component of a QLoRA+AdaLoRA run, from the model's config alone")
+    plan.add_argument("--model", default="llama-2-7b", help="llama-2-7b, llama-2-13b, a checkpoint dir or a hub id")
+    plan.add_argument("--batch-size", type=int, default=1)
+    plan.add_argument("--seq-len", type=int, default=512)
+    plan.add_argument("--init-r", type=int, default=12)
+    plan.add_argument("--target-modules", nargs="+", default=list(LLAMA_PROJECTIONS))
+    plan.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    plan.add_argument("--no-double-quant", action="store_true")
+    plan.add_argument("--no-gradient-checkpointing", action="store_true")
+    plan.add_argument("--resident-mib", type=int, default=0, help="PagedAdamW resident budget (0: all resident)")
     return parser
 
 
-COMMANDS = {"env": cmd_env, "graduate": cmd_graduate, "notebooks": cmd_notebooks, "student": cmd_student}
+COMMANDS = {"env": cmd_env, "plan": cmd_plan, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
+            "student": cmd_student}
 
 
 def main(argv=None):
