@@ -29,7 +29,7 @@ def set_grads(step, *param_lists):
     for i, shape in enumerate(SHAPES[:-1]):
         grad = torch.randn(shape, generator=generator)
         for params in param_lists:
-            params[i].grad = grad.to(params[i].dtype)
+            params[i].grad = grad.to(params[i])  # its dtype and device
 
 
 def train(optimizers_and_params, steps, start=0):
@@ -163,6 +163,20 @@ def test_bfloat16_and_float32_parameters_together():
     paged = PagedAdamW(params, **HYPER, page_bytes=PAGE, resident_bytes=2 * PAGE)
     reference = torch.optim.AdamW(reference_params, **HYPER)
     train([(paged, params), (reference, reference_params)], 20)
+    assert max_difference(params, reference_params) <= 1e-6
+    assert_states_equal(paged, reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (pinned pool, side stream) needs a GPU")
+@pytest.mark.parametrize("budget_pages", [2, 4, None])
+def test_cuda_pinned_pool_and_side_stream_equal_torch(budget_pages):
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    reference_params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    resident = None if budget_pages is None else budget_pages * PAGE
+    paged = PagedAdamW(groups(params), **HYPER, page_bytes=PAGE, resident_bytes=resident)
+    reference = torch.optim.AdamW(groups(reference_params), **HYPER)
+    assert paged._pager.host.is_pinned() and paged._pager.stream is not None
+    train([(paged, params), (reference, reference_params)], 30)
     assert max_difference(params, reference_params) <= 1e-6
     assert_states_equal(paged, reference)
 
