@@ -1,0 +1,176 @@
+"""Saving, loading and exporting pruned AdaLoRA adapters; peft's PeftModel.from_pretrained is the export oracle."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from minilora import AdaLoRAConfig, add_adalora
+from minilora.adalora import attach_svd_adapters
+from minilora.adapter_io import export_peft, load_adapter, read_adapter_meta, save_adapter
+from minilora.orthogonal import orthogonal_penalty
+from minilora.svd_adapter import SVDLinear
+
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_llama(seed=0, hidden=32):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def trained_looking(config, seed=1):
+    """A tiny Llama with adapters holding random values and a rank pattern that leaves one layer at rank 0."""
+    model = tiny_llama()
+    attach_svd_adapters(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    rank_pattern = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SVDLinear):
+            keep = torch.rand(config.init_r, generator=generator) > 0.4
+            if name == "model.layers.1.self_attn.q_proj":
+                keep[:] = False
+            rank_pattern[name] = keep.tolist()
+            with torch.no_grad():
+                module.P.normal_(generator=generator)
+                module.Q.normal_(generator=generator)
+                module.lam.copy_(torch.randn(config.init_r, generator=generator) * keep)
+    return model.eval(), rank_pattern
+
+
+CONFIG = AdaLoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], init_r=4, target_r=2, total_steps=10)
+
+
+def test_save_writes_pruned_shapes_and_the_rank_pattern(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    save_adapter(model, tmp_path, CONFIG, rank_pattern)
+    tensors = load_file(tmp_path / "minilora_adapter.safetensors")
+    meta = read_adapter_meta(tmp_path)
+    assert meta["rank_pattern"] == rank_pattern and AdaLoRAConfig(**meta["config"]) == CONFIG
+    for name, flags in rank_pattern.items():
+        kept = sum(flags)
+        module = model.get_submodule(name)
+        assert tensors[f"{name}.P"].shape == (module.out_features, kept)
+        assert tensors[f"{name}.lam"].shape == (kept,)
+        assert tensors[f"{name}.Q"].shape == (kept, module.in_features)
+        assert torch.equal(tensors[f"{name}.lam"], module.lam.detach()[torch.tensor(flags)])
+    assert tensors["model.layers.1.self_attn.q_proj.P"].shape == (32, 0)
+
+
+def test_load_gives_the_saved_model_back(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    model.get_submodule("model.layers.0.self_attn.v_proj").scaling = 0.123  # an overridden scaling survives
+    expected = logits(model)
+    save_adapter(model, tmp_path, CONFIG, rank_pattern)
+    loaded = load_adapter(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=1e-5)
+    for name, module in model.named_modules():  # with the same triplets dropped, bit for bit
+        if isinstance(module, SVDLinear):
+            module.keep_triplets(rank_pattern[name])
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.get_submodule("model.layers.1.self_attn.q_proj").lam.shape == (0,)
+    assert loaded.get_submodule("model.layers.0.self_attn.v_proj").scaling == 0.123
+
+
+def test_round_trip_after_real_training_with_the_allocator(tmp_path):
+    config = AdaLoRAConfig(["q_proj", "v_proj"], init_r=4, target_r=2, total_steps=6, t_init=1, t_final=2)
+    model, allocator = add_adalora(tiny_llama(), config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for step in range(config.total_steps):
+        loss = model(IDS, labels=IDS).loss + config.orth_reg_weight * orthogonal_penalty(model)
+        loss.backward()
+        optimizer.step()
+        allocator.step(step)
+        optimizer.zero_grad()
+    model.eval()
+    assert sum(sum(flags) for flags in allocator.rank_pattern.values()) == config.target_r * 4
+    save_adapter(model, tmp_path, config, allocator.rank_pattern)
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(), tmp_path)), logits(model), atol=1e-5, rtol=1e-5)
+
+
+def test_svd_init_round_trip_recomputes_the_residual_base(tmp_path):
+    config = AdaLoRAConfig(target_modules=["o_proj"], init_r=3, target_r=2, total_steps=10, init="svd")
+    model = tiny_llama()
+    attach_svd_adapters(model, config)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SVDLinear):
+                module.lam.mul_(torch.tensor([1.5, 0.0, 0.7]))
+    rank_pattern = {f"model.layers.{i}.self_attn.o_proj": [True, False, True] for i in range(2)}
+    save_adapter(model, tmp_path, config, rank_pattern)
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(), tmp_path)), logits(model), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="init='svd' changed the base weights"):
+        export_peft(model, tmp_path / "peft", config, rank_pattern)
+
+
+def test_save_without_rank_pattern_keeps_everything(tmp_path):
+    model, _ = trained_looking(CONFIG)
+    save_adapter(model, tmp_path, CONFIG)
+    assert all(all(flags) for flags in read_adapter_meta(tmp_path)["rank_pattern"].values())
+    assert torch.equal(logits(load_adapter(tiny_llama(), tmp_path)), logits(model))
+
+
+@pytest.mark.parametrize("scaling", [None, 0.37])
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, scaling):
+    model, rank_pattern = trained_looking(CONFIG)
+    if scaling is not None:
+        for module in model.modules():
+            if isinstance(module, SVDLinear):
+                module.scaling = scaling
+    expected = logits(model)
+    export_peft(model, tmp_path, CONFIG, rank_pattern, task_type="CAUSAL_LM")
+    with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match"):  # peft says it for its own files too
+        reference = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(reference), expected, atol=1e-5, rtol=1e-5)
+    q1 = reference.base_model.model.model.layers[1].self_attn.q_proj
+    assert q1.lora_A["default"].shape == (0, 32) and q1.lora_B["default"].shape == (32, 0)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "ADALORA" and written["init_r"] == 4 and written["total_step"] == 10
+    q0 = "model.layers.0.self_attn.q_proj"
+    assert written["rank_pattern"][f"{q0}.lora_E"] == rank_pattern[q0]
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.down_proj.lora_E" in keys
+
+
+def test_bad_save_and_load_requests(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    partial = dict(list(rank_pattern.items())[1:])
+    with pytest.raises(ValueError, match=r"does not match the model's adapters: missing \['model.layers.0"):
+        save_adapter(model, tmp_path, CONFIG, partial)
+    wrong = rank_pattern | {"model.layers.0.self_attn.q_proj": [True]}
+    with pytest.raises(ValueError, match=r"has 1 flags but the adapter stores 4 triplets"):
+        save_adapter(model, tmp_path, CONFIG, wrong)
+    model.get_submodule("model.layers.0.self_attn.q_proj").merge()
+    with pytest.raises(ValueError, match=r"merged into their base weights: call unmerge\(\) before saving"):
+        save_adapter(model, tmp_path, CONFIG, rank_pattern)
+    with pytest.raises(ValueError, match="has no SVDLinear adapters to save"):
+        save_adapter(tiny_llama(), tmp_path, CONFIG)
+    with pytest.raises(FileNotFoundError, match="is .* a directory written by save_adapter"):
+        load_adapter(tiny_llama(), tmp_path / "nothing")
+
+
+def test_loading_onto_another_base_model_fails_clearly(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    save_adapter(model, tmp_path, CONFIG, rank_pattern)
+    with pytest.raises(ValueError, match=r"was saved with shape .* onto the base model it was trained on"):
+        load_adapter(tiny_llama(hidden=48), tmp_path)
+    with pytest.raises(ValueError, match="no linear layer matches target_modules"):
+        load_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path)
