@@ -8,8 +8,7 @@ model, replaces its targeted linear layers with ``SVDLinear`` adapters (Î”W = PÎ
 
 from dataclasses import dataclass
 
-from torch import nn
-
+from minilora.lora import find_linear_targets, replace_module
 from minilora.svd_adapter import INITS, SVDLinear
 
 
@@ -113,20 +112,6 @@ class AdaLoRAConfig:
             raise ValueError(f"unknown init {self.init!r}: use one of {INITS}")
 
 
-def matches_target(name, target_modules):
-    """peft's rule: a module is targeted when its name equals a target or ends with '.' + target."""
-    return any(name == target or name.endswith("." + target) for target in target_modules)
-
-
-def _is_linear(module):
-    # nn.Linear, or a layer that stands in for one (a quantized linear layer exposes the same two sizes)
-    if isinstance(module, SVDLinear):
-        return False
-    return isinstance(module, nn.Linear) or (
-        isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
-    )
-
-
 def attach_svd_adapters(model, config):
     """Freeze every parameter of model and replace each targeted linear layer by an SVDLinear, in place.
 
@@ -138,21 +123,11 @@ def attach_svd_adapters(model, config):
     if any(isinstance(module, SVDLinear) for module in model.modules()):
         raise ValueError("this model already has SVD adapters; start again from the base model")
     model.requires_grad_(False)
-    linear = [name for name, module in model.named_modules() if name and _is_linear(module)]
-    names = [name for name in linear if matches_target(name, config.target_modules)]
-    if not names:
-        if not linear:
-            raise ValueError(f"{type(model).__name__} has no linear layers to adapt")
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
-        raise ValueError(
-            f"no linear layer matches target_modules={config.target_modules}. This model's linear layers include "
-            f"{linear[:4]}; target them by the last part of the name, one of {suffixes[:12]}"
-        )
+    names = [name for name, _ in find_linear_targets(model, config.target_modules)]
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        adapter = SVDLinear(getattr(parent, child), config.init_r, config.lora_alpha, config.lora_dropout, config.init)
-        setattr(parent, child, adapter)
+        adapter = SVDLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout,
+                            config.init)
+        replace_module(model, name, adapter)
     return names
 
 

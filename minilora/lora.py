@@ -42,20 +42,33 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.A.T @ self.B.T) * self.scaling
 
 
+def matches_target(name, target_modules):
+    """peft's rule: a module is a target when its name is a target or ends in '.' + a target."""
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def is_linear(module):
+    """An nn.Linear, or a layer that stands in for one (a quantized linear layer has the same two sizes).
+    Adapters hold their layer as `.base` and are never targets themselves."""
+    sizes = isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int)
+    return isinstance(module, nn.Linear) or (sizes and not hasattr(module, "base"))
+
+
 def find_linear_targets(model: nn.Module, target_modules):
-    """Return [(name, module)] of the nn.Linear layers whose name is a target or ends in '.' + a target."""
+    """Return [(name, module)] of the linear layers of `model` that target_modules names."""
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     if not targets:
-        raise ValueError("target_modules is empty: name the Linear layers to adapt, e.g. ['q_proj', 'v_proj']")
-    found = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
-    ]
+        raise ValueError("target_modules is empty: name the linear layers to adapt, e.g. ['q_proj', 'v_proj']")
+    linear = [(name, module) for name, module in model.named_modules() if name and is_linear(module)]
+    found = [(name, module) for name, module in linear if matches_target(name, targets)]
     if not found:
-        linears = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"no nn.Linear layer matches target_modules={targets}; this model's Linear layers are "
-                         f"named {linears[:12]}")
+        if not linear:
+            raise ValueError(f"{type(model).__name__} has no linear layers to adapt")
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
+        raise ValueError(f"no linear layer matches target_modules={targets}. This model's linear layers include "
+                         f"{[name for name, _ in linear[:4]]}; target them by the last part of the name, one of "
+                         f"{suffixes[:12]}")
     return found
 
 

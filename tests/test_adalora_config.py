@@ -6,8 +6,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from minilora import AdaLoRAConfig, add_adalora
-from minilora.adalora import attach_svd_adapters, matches_target
+from minilora.adalora import attach_svd_adapters
 from minilora.budget import RankAllocator
+from minilora.lora import matches_target
 from minilora.orthogonal import orthogonal_penalty
 from minilora.svd_adapter import SVDLinear
 

@@ -63,7 +63,7 @@ def test_only_targets_become_trainable():
 
 @pytest.mark.parametrize(
     ("targets", "message"),
-    [(["qproj"], "no nn.Linear layer matches.*q_proj"), ([], "target_modules is empty")],
+    [(["qproj"], "no linear layer matches.*q_proj"), ([], "target_modules is empty")],
 )
 def test_bad_targets_say_what_to_do(targets, message):
     with pytest.raises(ValueError, match=message):
