@@ -25,8 +25,9 @@ test: lint
 	$(BIN)/python -m minilora graduate --check
 	$(BIN)/python -m pytest
 
+# Jupyter refuses root unless told; containers and cloud notebooks often run as root.
 lab: $(READY)
-	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 # Re-run every notebook in place and store its outputs (after editing one, then commit the result).
 notebooks: $(READY)
