@@ -1,0 +1,210 @@
+"""minilora.data and the bundled data/: the generator reproduces the committed files, the loaders, tokenization
+with the prompt masked, padding, the bundled tiny Llama, and that it cannot do the tasks before fine-tuning."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from minilora.data import (
+    BASE_MODEL_DIR,
+    DATA_DIR,
+    HEADERS,
+    IGNORE_INDEX,
+    INSTRUCTIONS_DIR,
+    collate,
+    exact_match,
+    format_prompt,
+    generate_responses,
+    load_base_model,
+    load_instructions,
+    tokenize_record,
+)
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, DATA_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def make_dataset():
+    return load_script("make_dataset")
+
+
+@pytest.fixture(scope="module")
+def committed():
+    return {split: [json.loads(line) for line in (INSTRUCTIONS_DIR / f"{split}.jsonl").read_text().splitlines()]
+            for split in ("train", "validation", "test")}
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return load_base_model()
+
+
+def test_the_script_regenerates_the_committed_files_exactly(make_dataset, committed):
+    assert make_dataset.build_splits() == committed
+    assert {split: len(records) for split, records in committed.items()} == make_dataset.SPLIT_SIZES
+
+
+def test_splits_are_disjoint_and_every_task_is_held_out(make_dataset, committed):
+    keys = {split: {(r["task"], r["input"]) for r in records} for split, records in committed.items()}
+    assert all(len(keys[split]) == len(committed[split]) for split in committed)  # no repeats within a split
+    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
+    assert not keys["validation"] & keys["test"]
+    tasks = set(make_dataset.INSTRUCTIONS)
+    assert all({r["task"] for r in records} == tasks for records in committed.values())
+
+
+def test_every_answer_is_right(make_dataset, committed):
+    days, months = make_dataset.DAYS, make_dataset.MONTHS
+    words = [word for pair in make_dataset.OPPOSITES for word in pair]
+    assert len(set(words)) == len(words)  # each word has one opposite, so exact match is fair
+    opposites = dict(make_dataset.OPPOSITES) | {b: a for a, b in make_dataset.OPPOSITES}
+    rules = {
+        "add": lambda x: str(int(x.split(" + ")[0]) + int(x.split(" + ")[1])),
+        "subtract": lambda x: str(int(x.split(" - ")[0]) - int(x.split(" - ")[1])),
+        "reverse": lambda x: x[::-1], "uppercase": str.upper, "length": lambda x: str(len(x)),
+        "sort": lambda x: "".join(sorted(x)),
+        "next_day": lambda x: days[(days.index(x) + 1) % 7], "previous_day": lambda x: days[days.index(x) - 1],
+        "next_month": lambda x: months[(months.index(x) + 1) % 12],
+        "previous_month": lambda x: months[months.index(x) - 1], "opposite": opposites.get,
+    }
+    for records in committed.values():
+        for r in records:
+            assert r["output"] == rules[r["task"]](r["input"]), r
+            assert r["instruction"] in make_dataset.INSTRUCTIONS[r["task"]]
+
+
+def test_pretraining_text_is_plain_and_reproducible(make_dataset):
+    docs = make_dataset.pretraining_documents(300)
+    assert docs == make_dataset.pretraining_documents(300)
+    instructions = [i for wordings in make_dataset.INSTRUCTIONS.values() for i in wordings]
+    assert not any(h in doc or i in doc for doc in docs for h in ("###", *HEADERS) for i in instructions)
+
+
+def test_the_bundled_set_loads_offline():
+    code = ("from minilora.data import load_instructions; d = load_instructions(); "
+            "print({s: len(d[s]) for s in d}, load_instructions(split='test')[0]['output'])")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    test_first = json.loads((INSTRUCTIONS_DIR / "test.jsonl").read_text().splitlines()[0])["output"]
+    assert out.stdout.strip() == f"{{'train': 4000, 'validation': 300, 'test': 300}} {test_first}"
+
+
+def test_a_jsonl_file_loads_as_train_and_gets_an_empty_input(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"instruction": "Say hi.", "output": "hi"}\n{"instruction": "Say yo.", "output": "yo"}\n')
+    data = load_instructions(path)
+    assert list(data) == ["train"]
+    records = load_instructions(str(path), split="train")
+    assert records["input"] == ["", ""] and records["output"] == ["hi", "yo"]
+
+
+def test_bad_sources_and_splits_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory: .*nothing.jsonl"):
+        load_instructions(tmp_path / "nothing.jsonl")
+    with pytest.raises(FileNotFoundError, match="no train.jsonl, validation.jsonl or test.jsonl"):
+        load_instructions(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Say hi.", "output": "hi"}\n')
+    with pytest.raises(ValueError, match=r"lack the field\(s\) \['instruction'\]; found \['prompt', 'output'\]"):
+        load_instructions(bad)
+    with pytest.raises(ValueError, match="split 'dev' is not in .* its splits are \\['train', 'validation', 'test'\\]"):
+        load_instructions(split="dev")
+    with pytest.raises(FileNotFoundError, match="no model \\(config.json\\) in .*pretrain_base.py"):
+        load_base_model(tmp_path)
+    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'top'"):
+        collate([{"input_ids": [1]}], 0, padding_side="top")
+
+
+def test_prompt_template_with_and_without_input():
+    prompt, full = format_prompt({"instruction": "Reverse the word.", "input": "kamo", "output": "omak"})
+    assert prompt == "### Instruction:\nReverse the word.\n### Input:\nkamo\n### Response:\n"
+    assert full == prompt + "omak"
+    prompt, _ = format_prompt({"instruction": "Name a day.", "input": "", "output": "monday"})
+    assert prompt == "### Instruction:\nName a day.\n### Response:\n"
+
+
+def test_tokenizer_round_trips_and_keeps_headers_whole(base, committed):
+    _, tokenizer = base
+    assert len(tokenizer) < 1000
+    for record in committed["validation"]:
+        _, full = format_prompt(record)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == full
+    assert all(len(tokenizer(h, add_special_tokens=False)["input_ids"]) == 1 for h in HEADERS)
+    assert tokenizer("abc")["input_ids"][0] == tokenizer.bos_token_id  # Llama-style: <s> first
+
+
+def test_labels_cover_only_the_response_and_eos(base, committed):
+    _, tokenizer = base
+    for record in committed["test"][:50]:
+        row = tokenize_record(record, tokenizer)
+        prompt, _ = format_prompt(record)
+        n_prompt = 1 + len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert row["input_ids"][0] == tokenizer.bos_token_id and row["input_ids"][-1] == tokenizer.eos_token_id
+        assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+        assert tokenizer.decode(row["labels"][n_prompt:-1]) == record["output"]
+    assert len(tokenize_record(committed["test"][0], tokenizer, max_length=5)["labels"]) == 5
+
+
+def test_collate_pads_right_for_training_and_left_for_generation(base, committed):
+    _, tokenizer = base
+    rows = [tokenize_record(r, tokenizer) for r in committed["train"][:4]]
+    lengths = [len(r["input_ids"]) for r in rows]
+    batch = collate(rows, tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (4, max(lengths)) and batch["input_ids"].dtype == torch.long
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for i, n in enumerate(lengths):
+        assert batch["labels"][i, n:].eq(IGNORE_INDEX).all() and batch["input_ids"][i, n:].eq(0).all()
+    left = collate(rows, tokenizer.pad_token_id, padding_side="left")
+    assert [row[-n:].tolist() for row, n in zip(left["input_ids"], lengths, strict=True)] == \
+        [r["input_ids"] for r in rows]
+
+
+def test_the_bundled_model_is_a_small_llama_that_knows_its_world(base):
+    model, tokenizer = base
+    assert isinstance(model, transformers.LlamaForCausalLM) and next(model.parameters()).dtype == torch.float32
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert sum(f.stat().st_size for f in BASE_MODEL_DIR.iterdir()) < 20 * 2**20
+    docs = load_script("make_dataset").pretraining_documents(32, seed=99)
+    rows = [[tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id]
+            for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    batch = collate([{"input_ids": r, "attention_mask": [1] * len(r), "labels": r} for r in rows],
+                    tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+        torch.manual_seed(0)
+        untrained = transformers.LlamaForCausalLM(model.config).eval()(**batch).loss
+    assert out.logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert out.loss < 0.4 * untrained  # pretraining taught it the plain-text facts
+
+
+def test_greedy_responses_do_not_depend_on_batching_and_exact_match_counts(base, committed):
+    model, tokenizer = base
+    records = committed["validation"][:6]  # prompts of different lengths: left padding must not change answers
+    together = generate_responses(model, tokenizer, records, max_new_tokens=6, batch_size=6)
+    assert together == generate_responses(model, tokenizer, records, max_new_tokens=6, batch_size=1)
+    echoed = [dict(r, output=f" {text} ") for r, text in zip(records, together, strict=True)]
+    assert exact_match(model, tokenizer, echoed, max_new_tokens=6) == 1.0  # compared after stripping spaces
+    echoed[0]["output"] = "#never generated#"
+    assert exact_match(model, tokenizer, echoed, max_new_tokens=6) == 5 / 6
+
+
+def test_the_base_model_cannot_follow_instructions_yet(base):
+    model, tokenizer = base
+    test = load_instructions(split="test").select(range(100))  # data/pretrain_base.py reports all 300
+    assert exact_match(model, tokenizer, test, max_new_tokens=10, batch_size=len(test)) < 0.1
