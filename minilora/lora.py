@@ -14,13 +14,26 @@ import torch
 from torch import nn
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear with a LoRA update: base(x) + dropout(x)·Aᵀ·Bᵀ·(alpha / r)."""
+def is_linear(module):
+    """An nn.Linear, or a layer that stands in for one (a quantized linear layer has the same two sizes).
+    Adapters hold their layer as `.base` and are never targets themselves."""
+    sizes = isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int)
+    return isinstance(module, nn.Linear) or (sizes and not hasattr(module, "base"))
 
-    def __init__(self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer with a LoRA update: base(x) + dropout(x)·Aᵀ·Bᵀ·(alpha / r).
+
+    The base is an nn.Linear or a layer that stands in for one (the 4-bit layer of notebook 08). The adapter takes
+    the base weight's float dtype and device; a base without a float weight gets float32 on `base.device`.
+    """
+
+    def __init__(self, base: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not is_linear(base):
+            raise TypeError(f"LoRALinear wraps a linear layer (one with in_features and out_features), got "
+                            f"{type(base).__name__}")
         if r < 1:
             raise ValueError(f"rank r must be at least 1, got {r}")
         self.base = base
@@ -28,10 +41,14 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = lora_alpha / r
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        weight = base.weight
+        weight = getattr(base, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            dtype, device = weight.dtype, weight.device
+        else:
+            dtype, device = torch.float32, getattr(base, "device", torch.device("cpu"))
         # A gets the default nn.Linear init (Kaiming-uniform, a = sqrt(5)); B starts at zero so B·A = 0.
-        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=weight.dtype, device=weight.device))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=weight.dtype, device=weight.device))
+        self.A = nn.Parameter(torch.empty(r, base.in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
     def delta_weight(self):
@@ -45,14 +62,6 @@ class LoRALinear(nn.Module):
 def matches_target(name, target_modules):
     """peft's rule: a module is a target when its name is a target or ends in '.' + a target."""
     return any(name == target or name.endswith("." + target) for target in target_modules)
-
-
-def is_linear(module):
-    """An nn.Linear, or a layer that stands in for one (a quantized linear layer has the same two sizes).
-    Adapters hold their layer as `.base` and are never targets themselves."""
-    sizes = isinstance(getattr(module, "in_features", None), int) and isinstance(
-        getattr(module, "out_features", None), int)
-    return isinstance(module, nn.Linear) or (sizes and not hasattr(module, "base"))
 
 
 def find_linear_targets(model: nn.Module, target_modules):
