@@ -14,10 +14,11 @@ INITS = ("adalora", "svd")
 
 
 def _device_of(module):
-    """The device of a module's first parameter or buffer (CPU for a module that has neither)."""
+    """The device of a module's first parameter or buffer; else its `device` attribute (a quantized layer keeps
+    its weight outside Parameters and says where it lives); else the CPU."""
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
-    return torch.device("cpu")
+    return torch.device(getattr(module, "device", "cpu"))
 
 
 class SVDLinear(nn.Module):
