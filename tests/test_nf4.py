@@ -1,0 +1,195 @@
+"""minilora.nf4 against bitsandbytes' CPU path (quantize_4bit / dequantize_4bit, "nf4"), bit for bit, plus the
+edge cases and the errors a learner can hit."""
+
+import copy
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from minilora.nf4 import (
+    BLOCKSIZES,
+    NF4Tensor,
+    dequantize_nf4,
+    nf4_code_rule,
+    nf4_codes,
+    nf4_midpoints,
+    nf4_table,
+    quantize_nf4,
+)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def eager_bitsandbytes():
+    """bitsandbytes wraps its CPU fallback dequantizer in torch.compile (one compilation per shape); eager gives the
+    same values without minutes of compiling."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def bnb_quantize(w, blocksize):
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    return packed.view(-1), state
+
+
+def bnb_dequantize(packed, state):
+    """bitsandbytes' dequantize_4bit, asked for the flattened tensor and reshaped. Its AVX-512 kernel reads the
+    constants row by row, which is wrong when the last dimension is not a multiple of the block size (notebook 05
+    shows it); a single row is read correctly by every one of its code paths."""
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return bnbF.dequantize_4bit(packed, flat).reshape(state.shape)
+
+
+def assert_identical_to_bnb(w, blocksize):
+    packed, state = bnb_quantize(w, blocksize)
+    q = quantize_nf4(w, blocksize)
+    assert torch.equal(q.packed, packed), "packed codes"
+    assert torch.equal(q.absmax, state.absmax), "absmax constants"
+    ours = dequantize_nf4(q)
+    assert ours.shape == w.shape and ours.dtype == w.dtype
+    assert torch.equal(ours, bnb_dequantize(packed, state)), "dequantized values"
+    return q
+
+
+def random_shapes(generator, blocksize, count=4):
+    """Shapes with partial last blocks, odd counts, 1 to 3 dimensions, up to a few blocks of the largest size."""
+    shapes = [(3 * blocksize + 1,), (blocksize - 1,), (1,)]
+    for _ in range(count):
+        ndim = int(torch.randint(1, 4, (1,), generator=generator))
+        top = max(2, int(round((6 * blocksize) ** (1 / ndim))) + 3)
+        shapes.append(tuple(int(s) for s in torch.randint(1, top, (ndim,), generator=generator)))
+    return shapes
+
+
+def test_table_is_the_bitsandbytes_table():
+    table = nf4_table()
+    assert table.dtype == torch.float32 and table.numel() == 16
+    assert torch.equal(table, bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(table, table.sort().values) and table[0] == -1 and table[7] == 0 and table[-1] == 1
+
+
+def test_code_rule_is_nearest_level_and_ties_go_down():
+    x = torch.rand(50_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    table = nf4_table()
+    assert torch.equal(nf4_code_rule(x), (x[:, None] - table[None, :]).abs().argmin(dim=1))
+    mid = nf4_midpoints(torch.device("cpu"))
+    assert torch.equal(nf4_code_rule(mid), torch.arange(15))
+    assert torch.equal(nf4_code_rule(torch.nextafter(mid, torch.tensor(2.0))), torch.arange(1, 16))
+
+
+def test_fast_codes_equal_the_rule_on_every_number_where_they_could_differ():
+    """The lookup is exact by monotonicity in every cell without a midpoint; the 15 cells with one are checked
+    exhaustively (all 2**16 float32 numbers of each), plus special values."""
+    mid = nf4_midpoints(torch.device("cpu"))
+    tops = torch.unique(mid.view(torch.int32) >> 16)
+    assert tops.numel() == 15
+    every = (tops[:, None] << 16 | torch.arange(2**16, dtype=torch.int32)).view(torch.float32).reshape(-1)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1e-38, -1e-38, 1.0000001, -1.0000001, 0.5, -0.5])
+    random = torch.randn(100_000, generator=torch.Generator().manual_seed(1))
+    for values in (every, special, random):
+        assert torch.equal(nf4_codes(values), nf4_code_rule(values).to(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_bit_exact_with_bitsandbytes_on_random_shapes(blocksize, dtype):
+    generator = torch.Generator().manual_seed(blocksize + DTYPES.index(dtype))
+    for shape in random_shapes(generator, blocksize):
+        scale = 10 ** float(torch.randn(1, generator=generator))
+        w = (torch.randn(shape, generator=generator) * scale).to(dtype)
+        assert_identical_to_bnb(w, blocksize)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_all_zero_blocks_full_and_partial(blocksize):
+    w = torch.randn(5 * blocksize + 7)
+    w[blocksize : 2 * blocksize] = 0  # a complete all-zero block: absmax 0
+    w[5 * blocksize :] = 0  # an all-zero final partial block: absmax floored to 1e-38, as bitsandbytes stores it
+    q = assert_identical_to_bnb(w, blocksize)
+    assert q.absmax[1] == 0 and q.absmax[-1] == torch.tensor(1e-38)
+    restored = dequantize_nf4(q)
+    assert torch.equal(restored[blocksize : 2 * blocksize], torch.zeros(blocksize))
+    assert torch.equal(restored[5 * blocksize :], torch.zeros(7))
+    assert torch.equal(dequantize_nf4(quantize_nf4(torch.zeros(3, 100))), torch.zeros(3, 100))
+
+
+def test_extreme_magnitudes_and_signed_zeros():
+    generator = torch.Generator().manual_seed(2)
+    for scale in (1e-42, 1e-39, 1e-20, 1e20, 1e37):
+        assert_identical_to_bnb(torch.randn(1000, generator=generator) * scale, 64)
+    mixed = torch.randn(64 * 9, generator=generator) * torch.logspace(-30, 30, 64 * 9)
+    mixed[::5] = -0.0
+    assert_identical_to_bnb(mixed, 64)
+
+
+def test_values_exactly_on_midpoints_take_the_lower_code_like_bitsandbytes():
+    mid = nf4_midpoints(torch.device("cpu"))
+    block = torch.cat([torch.tensor([1.0]), mid, -mid, torch.nextafter(mid, torch.tensor(2.0)), torch.zeros(18)])
+    q = assert_identical_to_bnb(block, 64)  # absmax 1: the scaled values are the values themselves
+    codes = torch.stack([q.packed >> 4, q.packed & 15], dim=1).reshape(-1).long()
+    assert torch.equal(codes[1:16], torch.arange(15))
+
+
+def test_large_matrix_through_many_chunks_and_threads():
+    w = torch.randn(1024, 1536, generator=torch.Generator().manual_seed(3))
+    assert_identical_to_bnb(w, 64)
+    assert_identical_to_bnb(w.to(torch.bfloat16), 256)
+
+
+def test_non_contiguous_and_parameter_inputs():
+    w = torch.randn(96, 130, generator=torch.Generator().manual_seed(4))
+    assert_identical_to_bnb(w.t(), 64)
+    parameter = torch.nn.Parameter(w.clone())
+    assert torch.equal(quantize_nf4(parameter).packed, quantize_nf4(w).packed)
+
+
+def test_dequantize_keeps_shape_and_dtype_unless_told():
+    w = torch.randn(2, 3, 50, dtype=torch.float16)
+    q = quantize_nf4(w, 32)
+    assert isinstance(q, NF4Tensor) and q.shape == w.shape and q.dtype == torch.float16 and q.blocksize == 32
+    assert dequantize_nf4(q).dtype == torch.float16 and dequantize_nf4(q).shape == (2, 3, 50)
+    as_float = dequantize_nf4(q, torch.float32)
+    assert as_float.dtype == torch.float32
+    assert torch.equal(as_float.to(torch.float16), dequantize_nf4(q)), "float32 product, rounded once"
+    assert torch.equal(dequantize_nf4(q, torch.bfloat16), as_float.to(torch.bfloat16))
+
+
+def test_nbytes_counts_codes_constants_and_tables():
+    for n in (1, 63, 64, 1001):
+        q = quantize_nf4(torch.randn(n))
+        blocks = -(-n // 64)
+        assert q.packed.numel() == (n + 1) // 2 and q.absmax.numel() == blocks
+        assert q.nbytes == (n + 1) // 2 + 4 * blocks + 16 * 4
+    q = quantize_nf4(torch.zeros(4096, 4096))
+    assert f"{8 * q.nbytes / q.shape.numel():.3f}" == "4.500"
+
+
+def test_quantize_errors_say_what_was_wrong():
+    with pytest.raises(ValueError, match=r"1 NaN or inf value\(s\), the first at flat index 70"):
+        quantize_nf4(torch.cat([torch.randn(70), torch.tensor([float("nan")]), torch.randn(100)]))
+    with pytest.raises(ValueError, match=r"2 NaN or inf value\(s\), the first at flat index 3"):
+        quantize_nf4(torch.tensor([1.0, 2.0, 3.0, float("inf"), -float("inf")]))  # in the partial block
+    with pytest.raises(ValueError, match=r"empty tensor \(shape \(0, 5\)\)"):
+        quantize_nf4(torch.zeros(0, 5))
+    with pytest.raises(TypeError, match=r"float32, bfloat16 or float16 tensors, got torch\.int64"):
+        quantize_nf4(torch.arange(10))
+    with pytest.raises(TypeError, match=r"got torch\.float64"):
+        quantize_nf4(torch.randn(10, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor, got list"):
+        quantize_nf4([1.0, 2.0])
+    for blocksize in (48, 8192, 0):
+        with pytest.raises(ValueError, match=rf"blocksize {blocksize} is not supported: use one of 32, 64"):
+            quantize_nf4(torch.randn(100), blocksize)
+
+
+def test_dequantize_errors_say_what_was_wrong():
+    with pytest.raises(TypeError, match=r"expects the NF4Tensor returned by quantize_nf4, got Tensor"):
+        dequantize_nf4(torch.randn(4))
+    packed, _ = bnb_quantize(torch.randn(64), 64)
+    with pytest.raises(TypeError, match=r"got Tensor"):
+        dequantize_nf4(packed)
+    with pytest.raises(TypeError, match=r"float32, bfloat16 or float16, not torch\.int32"):
+        dequantize_nf4(quantize_nf4(torch.randn(8)), torch.int32)
