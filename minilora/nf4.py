@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NF4_OFFSET = 0.9677083  # ½((1 − 1/30) + (1 − 1/32)), rounded to 7 digits as in QLoRA's code
 NF4_TABLE_BYTES = 16 * 4  # the table is stored with the codes: 16 float32 levels
 TINY = 1e-38  # floor for an absmax, so that an all-zero block is scaled by a finite number
-CHUNK = 2**15  # values per chunk of work: its temporaries stay in the CPU cache
+CHUNK = 2**16  # values per chunk of work: its temporaries stay in the CPU cache
 
 
 def nf4_table():
@@ -136,7 +136,7 @@ def map_chunks(n_blocks, blocksize, work):
     """Call work(first, last) on consecutive ranges of blocks, about CHUNK values each, on a few threads.
 
     Blocks are independent and each call writes only its own slice of the outputs, so the chunks can run in any
-    order. Each chunk is small enough that its temporaries stay in the cache and that torch runs it on one thread.
+    order, on several threads at once. Each chunk is small enough that its temporaries stay in the cache.
     """
     step = max(1, CHUNK // blocksize)
     ranges = [(first, min(first + step, n_blocks)) for first in range(0, n_blocks, step)]
