@@ -25,7 +25,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NF4_OFFSET = 0.9677083  # ½((1 − 1/30) + (1 − 1/32)), rounded to 7 digits as in QLoRA's code
 NF4_TABLE_BYTES = 16 * 4  # the table is stored with the codes: 16 float32 levels
 TINY = 1e-38  # floor for an absmax, so that an all-zero block is scaled by a finite number
-CHUNK = 2**16  # values per chunk of work: its temporaries stay in the CPU cache
+CHUNK = 2**15  # values per chunk of work: temporaries stay in cache, torch runs each op on one thread
 
 
 def nf4_table():
@@ -136,17 +136,23 @@ def map_chunks(n_blocks, blocksize, work):
     """Call work(first, last) on consecutive ranges of blocks, about CHUNK values each, on a few threads.
 
     Blocks are independent and each call writes only its own slice of the outputs, so the chunks can run in any
-    order, on several threads at once. Each chunk is small enough that its temporaries stay in the cache.
+    order, several at once. A chunk is small enough that its temporaries stay in the cache, and that torch runs
+    each operation on it in the calling thread: the parallelism is ours, one thread per core.
     """
     step = max(1, CHUNK // blocksize)
-    ranges = [(first, min(first + step, n_blocks)) for first in range(0, n_blocks, step)]
-    workers = min(len(ranges), torch.get_num_threads())
-    if workers <= 1:
-        for first, last in ranges:
-            work(first, last)
+    starts = range(0, n_blocks, step)
+    workers = min(len(starts), torch.get_num_threads())
+    tasks = 1 if workers <= 1 else min(len(starts), 4 * workers)  # a few tasks per thread balance the load
+
+    def run(task):
+        for first in starts[task::tasks]:
+            work(first, min(first + step, n_blocks))
+
+    if tasks == 1:
+        run(0)
         return
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(lambda block_range: work(*block_range), ranges))  # list() re-raises a worker's error
+        list(pool.map(run, range(tasks)))  # list() re-raises a worker's error
 
 
 def quantize_nf4(w, blocksize=64, double_quant=False):
