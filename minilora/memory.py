@@ -30,11 +30,15 @@ class RunSettings:
     adapter_bytes: int = 4  # adapters, their gradients and AdamW states are float32
     gradient_checkpointing: bool = True
     optimizer_resident_bytes: int | None = None  # PagedAdamW budget; None keeps every state resident
+    page_bytes: int | None = None  # PagedAdamW's page: each parameter's states fill whole pages; None: no rounding
+    device: str = "cpu"  # "cpu": PagedAdamW's page pool shares the RAM with the rest, so the peak counts it
 
 
 @dataclass
 class MemoryPlan:
-    """Rows of (component, bytes, note); `peak` is the predicted high-water mark of one training step."""
+    """Rows of (component, bytes, note); `peak` is the predicted high-water mark of one training step: the
+    components that persist, plus the larger of the two transient moments (see plan_memory), so it is less than
+    the sum of the rows."""
 
     rows: list = field(default_factory=list)
     peak: int = 0
@@ -67,22 +71,37 @@ def nf4_bytes(numel, blocksize, double_quant):
     return math.ceil(numel / 2), constants + NF4_TABLE_BYTES
 
 
-def activation_elements(config, settings):
-    """Elements saved for backward per token, as eager PyTorch runs a Llama decoder with SDPA attention.
-
-    Per layer without checkpointing: the layer input and its RMSNorm output, q and k after rotary embedding, v,
-    the attention output and its reshaped copy, the residual sum and its norm (7 hidden + 2 key/value vectors),
-    the MLP's gate, up, SiLU(gate) and product (4 MLP vectors), and r per adapter. With checkpointing each layer
-    keeps only its input, and one layer's full set is rebuilt during its backward pass.
-    """
+def layer_activation_elements(config, settings):
+    """Elements one Llama decoder layer saves for backward, per token, as eager PyTorch runs it with SDPA attention
+    and SVD adapters (counted with torch.autograd.graph.saved_tensors_hooks): 6 hidden-sized vectors (the layer
+    input, its RMSNorm output and its flattened copy, q after rotary embedding, the attention output and the
+    normed residual), k and v (2 key/value vectors), 4 MLP vectors (gate, up, SiLU(gate), their product), r per
+    adapter (x·Qᵀ), and the attention's log-sum-exp (one per head)."""
     hidden, mlp = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
     adapters = sum(1 for name, _, _ in linear_shapes(config) if name in settings.target_modules)
-    per_layer = 7 * hidden + 2 * kv + 4 * mlp + adapters * settings.init_r
-    layers = config.num_hidden_layers
+    return 6 * hidden + 2 * kv + 4 * mlp + adapters * settings.init_r + config.num_attention_heads
+
+
+def activation_elements(config, settings):
+    """Elements saved for backward per token at the worst moment of the backward pass.
+
+    Without checkpointing every layer keeps its full set (layer_activation_elements). With checkpointing each
+    layer keeps only its input, and one layer's full set is rebuilt during its backward pass.
+    """
+    per_layer, layers = layer_activation_elements(config, settings), config.num_hidden_layers
     if settings.gradient_checkpointing:
-        return layers * hidden + per_layer
+        return layers * config.hidden_size + per_layer
     return layers * per_layer
+
+
+def optimizer_pages(shapes, settings, layers):
+    """Bytes of AdamW's two states as PagedAdamW stores them: each parameter (P, λ, Q of every adapter) owns whole
+    pages of settings.page_bytes for each state (no rounding when page_bytes is None)."""
+    sizes = [settings.adapter_bytes * n for _, out_f, in_f in shapes
+             for n in (out_f * settings.init_r, settings.init_r, settings.init_r * in_f)]
+    page = settings.page_bytes
+    return 2 * layers * sum(size if page is None else math.ceil(size / page) * page for size in sizes)
 
 
 def plan_memory(config, settings=None):
@@ -99,25 +118,38 @@ def plan_memory(config, settings=None):
     unquantized = (heads * vocab * hidden + layers * (2 * hidden + sum(o * i for _, o, i in kept)) + hidden)
     adapter_params = layers * sum(s.init_r * (out_f + in_f + 1) for _, out_f, in_f in shapes)
     adapters = adapter_params * s.adapter_bytes
-    states = 2 * adapters
+    states = optimizer_pages(shapes, s, layers)
     resident = states if s.optimizer_resident_bytes is None else min(states, s.optimizer_resident_bytes)
     tokens = s.batch_size * s.seq_len
     activations = tokens * activation_elements(config, s) * s.compute_bytes
-    # Transients of one step: the logits and their log-softmax (and its gradient), and the largest dequantized
-    # weight, which lives only inside one layer's forward or backward.
+    # What is alive besides the model at the two worst moments of a step, whichever is larger:
+    # 1. the loss's backward: the log-softmax of the logits (float32, as transformers computes the loss), its
+    #    gradient and the logits' gradient, with what the layers saved (with checkpointing: only their inputs);
+    # 2. a layer's backward: its saved activations, the largest dequantized weight (it lives only inside one
+    #    layer's forward or backward) and the gradients flowing through the layer (about two MLP- and two
+    #    hidden-sized vectors per token).
     logits = 3 * tokens * vocab * 4
     dequantized = max((o * i for _, o, i in shapes), default=0) * s.compute_bytes
+    flowing = tokens * (2 * config.intermediate_size + 2 * hidden) * s.compute_bytes
+    rebuilt = tokens * layer_activation_elements(config, s) * s.compute_bytes if s.gradient_checkpointing else 0
+    pool = "counted: on a CPU it is the same RAM" if s.device == "cpu" else "host memory, not on the GPU"
     plan = MemoryPlan(rows=[
         ("quantized weights (NF4 codes)", codes, f"{len(shapes) * layers} matrices, 4 bits each"),
         ("quantization constants", constants, "double-quantized" if s.double_quant else "float32 absmax"),
         ("embeddings, head and norms", unquantized * s.base_bytes, "not quantized"),
         ("adapters", adapters, f"{adapter_params:,} trainable parameters"),
         ("gradients", adapters, "adapters only: the base is frozen"),
-        ("optimizer states (resident)", resident, "AdamW: two moments per parameter"),
+        ("importance scores", 3 * adapters, "AdaLoRA: sensitivity, its average and its uncertainty"),
+        ("optimizer states (resident)", resident, "AdamW: two moments per parameter, in pages"),
         ("optimizer states (paged out)", states - resident, "host memory, not on the compute device"),
+        ("optimizer page pool", states, "PagedAdamW's home copy of every page; " + pool),
         ("activations", activations, "with gradient checkpointing" if s.gradient_checkpointing else "all kept"),
-        ("logits and loss", logits, "logits, log-softmax and its gradient"),
+        ("logits and loss", logits, "transient: log-softmax, its gradient, the logits' gradient"),
         ("dequantized weight (transient)", dequantized, "largest target matrix in the compute dtype"),
+        ("gradients through a layer", flowing, "transient, during one layer's backward"),
     ])
-    plan.peak = sum(size for name, size, _ in plan.rows if name != "optimizer states (paged out)")
+    steady = sum(size for name, size, _ in plan.rows[:7]) + (states if s.device == "cpu" else 0)
+    loss_moment = logits + activations - rebuilt
+    layer_moment = activations + dequantized + flowing
+    plan.peak = steady + max(loss_moment, layer_moment)
     return plan
