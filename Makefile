@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 READY := $(VENV)/.minilora-installed
 
-.PHONY: setup test lint lab notebooks graduate student bench clean
+.PHONY: setup test lint lab tune notebooks graduate student bench clean
 
 setup: $(READY)
 
@@ -28,6 +28,10 @@ test: lint
 # Jupyter refuses root unless told; containers and cloud notebooks often run as root.
 lab: $(READY)
 	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
+
+# QLoRA+AdaLoRA-tune the bundled tiny Llama end to end; pass options with ARGS="--steps 600 --method lora".
+tune: $(READY)
+	$(BIN)/python -m minilora tune $(ARGS)
 
 # Re-run every notebook in place and store its outputs (after editing one, then commit the result).
 notebooks: $(READY)

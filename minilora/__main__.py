@@ -61,6 +61,29 @@ def cmd_plan(args):
     return 0
 
 
+def cmd_tune(args):
+    from dataclasses import fields
+
+    from minilora.tune import RunConfig, TrainSettings, run
+
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "no_progress")}
+    train_keys = {f.name for f in fields(TrainSettings)}
+    train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys})
+    config = RunConfig(**{k: v for k, v in given.items() if k not in train_keys}, train=train)
+    ranks = f"AdaLoRA rank {config.init_r} -> {config.target_r}" if config.method == "adalora" else \
+        f"LoRA rank {config.target_r}"
+    print(f"tuning {config.model} on {config.data or 'the bundled instruction set'} ({config.device}): {train.steps} "
+          f"optimizer steps of {train.batch_size} x {train.grad_accum} examples, {ranks}")
+    _, summary = run(config, progress=not args.no_progress)
+    print(f"{'':<8}{'held-out loss':>14}{'exact match':>13}")
+    for when in ("before", "after"):
+        result = summary[when]
+        print(f"{when:<8}{result['eval_loss']:>14.3f}{result['exact_match']:>13.1%}")
+    budget = f"final budget {summary['final_budget']} triplets, " if "final_budget" in summary else ""
+    print(f"{budget}{summary['trainable_parameters']:,} trainable parameters; adapter and log in {config.output_dir}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,10 +104,28 @@ def build_parser():
     plan.add_argument("--no-double-quant", action="store_true")
     plan.add_argument("--no-gradient-checkpointing", action="store_true")
     plan.add_argument("--resident-mib", type=int, default=0, help="PagedAdamW resident budget (0: all resident)")
+    tune = sub.add_parser("tune", argument_default=argparse.SUPPRESS,
+                          help="QLoRA+AdaLoRA-tune a model end to end (default: the bundled tiny model and data)")
+    tune.add_argument("--model", help="checkpoint dir, hub id, or llama-2-7b (random weights, a rehearsal)")
+    tune.add_argument("--data", help="a .jsonl file or a hub data set id (default: the bundled set)")
+    tune.add_argument("--output-dir")
+    tune.add_argument("--steps", type=int, help="optimizer steps (AdaLoRA's total_steps)")
+    tune.add_argument("--batch-size", type=int)
+    tune.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    tune.add_argument("--lr", type=float)
+    tune.add_argument("--method", choices=["adalora", "lora"], help="adalora (default) or lora at rank target_r")
+    tune.add_argument("--init-r", type=int, help="AdaLoRA's initial rank per layer")
+    tune.add_argument("--target-r", type=int, help="AdaLoRA's final average rank per layer")
+    tune.add_argument("--eval-examples", type=int, help="held-out examples for loss and exact match")
+    tune.add_argument("--gradient-checkpointing", action="store_true")
+    tune.add_argument("--no-quantize", dest="quantize", action="store_false", help="keep the base in float32")
+    tune.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    tune.add_argument("--seed", type=int)
+    tune.add_argument("--no-progress", action="store_true", default=False)
     return parser
 
 
-COMMANDS = {"env": cmd_env, "plan": cmd_plan, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
+COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
             "student": cmd_student}
 
 
