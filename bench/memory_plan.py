@@ -51,6 +51,7 @@ RUNS = [  # (model, batch size, sequence length)
 ]
 STEPS = 3
 PAGE_BYTES = 64 * 1024
+INIT_R, TARGET_R = 12, 8
 TOLERANCE = 0.15
 MMAP_THRESHOLD = 64 * 1024
 REPO = Path(__file__).resolve().parent.parent
@@ -83,11 +84,11 @@ def quiet():
     logging.disable_progress_bar()
 
 
-def train_briefly(config, batch_size, seq_len, steps, double_quant=True):
+def train_briefly(config, batch_size, seq_len, steps, resident_bytes=None, report=None):
     """load_quantized, add_adalora, then `steps` optimizer steps as minilora.tune.train takes them: forward with
     gradient checkpointing, loss + γ·orthogonal penalty, backward, clipping, PagedAdamW, the rank allocator.
     (Written out here, not imported from minilora.tune, whose imports cost seconds that every measuring process
-    would pay.)"""
+    would pay.) report(stage), if given, is called after loading, after adding the adapters and after each step."""
     import torch
 
     from minilora.adalora import AdaLoRAConfig, add_adalora
@@ -96,16 +97,19 @@ def train_briefly(config, batch_size, seq_len, steps, double_quant=True):
     from minilora.paged_optim import PagedAdamW
     from minilora.qlora import load_quantized
 
+    report = report or (lambda stage: None)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
-    model = load_quantized(config, LLAMA_PROJECTIONS, double_quant=double_quant)
-    adalora = AdaLoRAConfig(target_modules=list(LLAMA_PROJECTIONS), init_r=12, target_r=8, total_steps=steps,
-                            t_init=0, t_final=0)
+    model = load_quantized(config, LLAMA_PROJECTIONS)
+    report("loaded")
+    adalora = AdaLoRAConfig(target_modules=list(LLAMA_PROJECTIONS), init_r=INIT_R, target_r=TARGET_R,
+                            total_steps=steps, t_init=0, t_final=0)
     model, allocator = add_adalora(model, adalora)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = PagedAdamW(params, lr=1e-4, weight_decay=0.0, page_bytes=PAGE_BYTES)
+    optimizer = PagedAdamW(params, lr=1e-4, weight_decay=0.0, page_bytes=PAGE_BYTES, resident_bytes=resident_bytes)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    report("adapters")
     for step in range(1, steps + 1):
         model(input_ids=tokens, labels=tokens).loss.backward()
         (adalora.orth_reg_weight * orthogonal_penalty(model)).backward()
@@ -113,6 +117,7 @@ def train_briefly(config, batch_size, seq_len, steps, double_quant=True):
         optimizer.step()
         allocator.step(step)
         optimizer.zero_grad(set_to_none=True)
+        report(step)
 
 
 def measure_training(model_name, batch_size, seq_len, steps=STEPS):
@@ -163,15 +168,16 @@ def finish(process):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def planned(model_name, batch_size, seq_len):
-    """plan_memory for the settings train_briefly uses."""
+def planned(model, batch_size, seq_len, resident_bytes=None):
+    """plan_memory for the settings train_briefly uses; model is a name of MODELS or a config."""
     from transformers import LlamaConfig
 
     from minilora.memory import RunSettings, plan_memory
 
-    settings = RunSettings(batch_size=batch_size, seq_len=seq_len, init_r=12, double_quant=True,
-                           gradient_checkpointing=True, page_bytes=PAGE_BYTES, device="cpu")
-    return plan_memory(LlamaConfig(**MODELS[model_name]), settings)
+    settings = RunSettings(batch_size=batch_size, seq_len=seq_len, init_r=INIT_R, double_quant=True,
+                           gradient_checkpointing=True, page_bytes=PAGE_BYTES, device="cpu",
+                           optimizer_resident_bytes=resident_bytes)
+    return plan_memory(LlamaConfig(**MODELS[model]) if isinstance(model, str) else model, settings)
 
 
 def write_checkpoint(model_name, directory, max_shard_size="50MB"):
