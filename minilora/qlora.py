@@ -32,8 +32,8 @@ from minilora.nf4 import dequantize_nf4, quantize_nf4
 
 class DequantizeMatmul(torch.autograd.Function):
     """y = x·Wᵀ with W = doubleDequant(W_NF4) (eq. 5's base term). Backward dequantizes W again for
-    ∂L/∂x = ∂L/∂y·W (eq. 7) instead of saving it: the graph keeps a reference to the 4-bit codes and nothing else
-    (not even x, since the frozen W needs no gradient)."""
+    ∂L/∂x = ∂L/∂y·W (notebook 08's eq. 7) instead of saving it: the graph keeps a reference to the 4-bit codes
+    and nothing else (not even x, since the frozen W needs no gradient)."""
 
     @staticmethod
     def forward(ctx, x, quantized, dtype):
