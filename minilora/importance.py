@@ -52,10 +52,11 @@ class ImportanceTracker:
         current = sensitivity(weight.detach(), grad)
         if name not in self.smoothed:  # both averages start at zero
             self.smoothed[name], self.uncertainty[name] = torch.zeros_like(current), torch.zeros_like(current)
-        smoothed = self.beta1 * self.smoothed[name] + (1 - self.beta1) * current
+        # in place: on a 7B model the averages hold hundreds of MB, and fresh copies every step churn the allocator
+        smoothed = self.smoothed[name].mul_(self.beta1).add_((1 - self.beta1) * current)
         # eq. 12 measures the distance to the average that already includes this step
-        uncertainty = self.beta2 * self.uncertainty[name] + (1 - self.beta2) * (current - smoothed).abs()
-        self.sensitivity[name], self.smoothed[name], self.uncertainty[name] = current, smoothed, uncertainty
+        self.uncertainty[name].mul_(self.beta2).add_((current - smoothed).abs_().mul_(1 - self.beta2))
+        self.sensitivity[name] = current
 
     def score(self, name):
         """Eq. 13: an entry matters when it is sensitive on average AND its sensitivity is uncertain."""
