@@ -114,6 +114,27 @@ def load_base_model(path=BASE_MODEL_DIR, dtype=torch.float32):
     return model, AutoTokenizer.from_pretrained(str(path))
 
 
+def with_held_out(data, size, seed=0):
+    """`data` (a DatasetDict) with validation and test splits: its own, or for each one it lacks, `size` records
+    taken from a seeded shuffle of train and removed from train (one .jsonl file or most hub sets have only train)."""
+    from datasets import DatasetDict
+
+    missing = [name for name in ("validation", "test") if name not in data]
+    if not missing:
+        return data
+    train = data["train"]
+    if len(train) <= size * len(missing):
+        raise ValueError(f"the data has no {' or '.join(missing)} split and only {len(train)} training records: "
+                         f"holding out {size} for each would leave nothing to train on. Ask for fewer evaluation "
+                         f"examples, or pass a directory with validation.jsonl and test.jsonl")
+    shuffled = train.shuffle(seed=seed)
+    out = DatasetDict(data)
+    for i, name in enumerate(missing):
+        out[name] = shuffled.select(range(i * size, (i + 1) * size))
+    out["train"] = shuffled.select(range(len(missing) * size, len(shuffled)))
+    return out
+
+
 def _ids_with_bos(text, tokenizer):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id] + ids

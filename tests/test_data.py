@@ -24,6 +24,7 @@ from minilora.data import (
     load_base_model,
     load_instructions,
     tokenize_record,
+    with_held_out,
 )
 
 
@@ -108,6 +109,21 @@ def test_a_jsonl_file_loads_as_train_and_gets_an_empty_input(tmp_path):
     assert list(data) == ["train"]
     records = load_instructions(str(path), split="train")
     assert records["input"] == ["", ""] and records["output"] == ["hi", "yo"]
+
+
+def test_a_train_only_source_gets_seeded_disjoint_held_out_splits(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": str(i)}) + "\n" for i in range(20)))
+    data = with_held_out(load_instructions(path), size=3, seed=0)
+    outputs = {split: list(data[split]["output"]) for split in ("train", "validation", "test")}
+    assert [len(o) for o in outputs.values()] == [14, 3, 3]
+    assert sorted(sum(outputs.values(), []), key=int) == [str(i) for i in range(20)], "disjoint, nothing lost"
+    assert list(with_held_out(load_instructions(path), size=3, seed=0)["test"]["output"]) == outputs["test"]
+    assert list(with_held_out(load_instructions(path), size=3, seed=1)["test"]["output"]) != outputs["test"]
+    bundled = load_instructions()
+    assert with_held_out(bundled, size=3) is bundled, "a source with its own splits keeps them"
+    with pytest.raises(ValueError, match="no validation or test split and only 20 training records: holding out 10"):
+        with_held_out(load_instructions(path), size=10)
 
 
 def test_bad_sources_and_splits_say_what_to_do(tmp_path):
