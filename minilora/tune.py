@@ -2,10 +2,10 @@
 # edit the notebook's `# graduate:` cells, then run `make graduate` (`make test` fails while they differ).
 """The QLoRA + AdaLoRA training loop (Dettmers et al. 2023, arXiv 2305.14314; Zhang et al. 2023, arXiv 2303.10512).
 
-One optimizer step: forward and backward over `grad_accum` micro-batches (the task loss), plus the orthogonal
-penalty γ·R(P, Q) once per step, gradient clipping, PagedAdamW.step(), then the rank allocator — after the
-optimizer step and before zero_grad, with the optimizer-step count — and finally zero_grad. Without an allocator
-the same loop trains plain LoRA adapters, for comparison.
+One optimizer step: forward and backward over `grad_accum` micro-batches (the task loss), the orthogonal penalty
+γ·R(P, Q) added to the last one's loss (once per step), gradient clipping, PagedAdamW.step(), then the rank
+allocator — after the optimizer step and before zero_grad, with the optimizer-step count — and finally zero_grad.
+Without an allocator the same loop trains plain LoRA adapters, for comparison.
 """
 
 import json
@@ -21,12 +21,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from minilora.adalora import AdaLoRAConfig, add_adalora
 from minilora.adapter_io import save_adapter
 from minilora.architectures import KNOWN
-from minilora.data import BASE_MODEL_DIR, IGNORE_INDEX, collate, exact_match, load_instructions, tokenize_record
-from minilora.lora import add_lora
+from minilora.data import (
+    BASE_MODEL_DIR,
+    IGNORE_INDEX,
+    collate,
+    exact_match,
+    load_instructions,
+    tokenize_record,
+    with_held_out,
+)
+from minilora.lora import LoRALinear, add_lora, replace_module
 from minilora.memory import LLAMA_PROJECTIONS
 from minilora.orthogonal import orthogonal_penalty
 from minilora.paged_optim import PagedAdamW
-from minilora.qlora import load_quantized
+from minilora.qlora import dequantize_model, load_quantized
+from minilora.svd_adapter import SVDLinear
 
 
 @dataclass
@@ -39,11 +48,24 @@ class TrainSettings:
     lr: float = 5e-3  # for the bundled tiny model; the QLoRA paper used 2e-4 for 7B
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    eval_every: int = 0
+    eval_every: int = 0  # evaluate every this many optimizer steps (0: never)
     gradient_checkpointing: bool = False
     resident_bytes: int | None = None
-    page_bytes: int = 64 * 1024  # each parameter owns whole pages: small pages waste less on small adapters
+    page_bytes: int | None = None  # PagedAdamW's page; None: fitting_page_bytes(the adapters)
     seed: int = 0
+
+
+def fitting_page_bytes(params, smallest=4096, largest=2**20, waste=0.125):
+    """A PagedAdamW page size for these parameters: the largest power of two from `smallest` to `largest` whose
+    rounding (each parameter's states fill whole pages) adds at most `waste` to the states' bytes.
+
+    Big pages mean fewer page updates per step; but an adapter's Λ (a few floats) still takes a whole page, so on a
+    small model big pages would mostly hold padding."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    page = smallest
+    while page < largest and sum(-(-size // (2 * page)) * 2 * page for size in sizes) <= (1 + waste) * sum(sizes):
+        page *= 2
+    return page
 
 
 def endless_batches(dataset, collate, batch_size, seed):
@@ -60,7 +82,8 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
 
     `batches` is an iterator of model inputs with labels; `allocator` the RankAllocator from add_adalora (None
     trains plain LoRA: no penalty, no pruning), whose config.total_steps must equal settings.steps;
-    `evaluate(model)` an optional function returning a dict of metrics, called every settings.eval_every steps.
+    `evaluate(model)` an optional function returning a dict of metrics, called every settings.eval_every steps
+    (its results go into that step's record).
     """
     config = allocator.config if allocator is not None else None
     if config is not None and config.total_steps != settings.steps:
@@ -68,7 +91,8 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
                          "steps: they must be equal (count optimizer steps, not micro-batches)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                           page_bytes=settings.page_bytes, resident_bytes=settings.resident_bytes)
+                           page_bytes=settings.page_bytes or fitting_page_bytes(params),
+                           resident_bytes=settings.resident_bytes)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log = []
@@ -77,14 +101,15 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
     for step in bar:
         model.train()
         task_loss = 0.0
-        for _ in range(settings.grad_accum):
+        for micro in range(1, settings.grad_accum + 1):
             loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss / settings.grad_accum
-            loss.backward()
             task_loss += loss.item()
+            if config is not None and micro == settings.grad_accum:  # once per optimizer step, one backward for both
+                penalty = orthogonal_penalty(model)
+                loss = loss + config.orth_reg_weight * penalty
+            loss.backward()
         record = {"step": step, "loss": task_loss}
         if config is not None:
-            penalty = orthogonal_penalty(model)
-            (config.orth_reg_weight * penalty).backward()
             record["orth"] = penalty.item()
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
         optimizer.step()
@@ -93,7 +118,10 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
             record["budget"] = allocator.budget
         optimizer.zero_grad(set_to_none=True)
         if evaluate is not None and settings.eval_every and step % settings.eval_every == 0:
-            record.update(evaluate(model))
+            metrics = evaluate(model)
+            record.update(metrics)
+            if progress:
+                bar.write(f"step {step}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
         if not math.isfinite(task_loss):
             raise FloatingPointError(f"the loss became {task_loss} at step {step}: lower the learning rate "
                                      f"(now {settings.lr}) or the gradient clipping norm")
@@ -146,6 +174,7 @@ class RunConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # compute in bfloat16 on a GPU, float32 on a CPU
     max_length: int = 96
     eval_examples: int = 200
+    merge: bool = False  # also save the merged model (dequantized base + adapters) to output_dir/merged
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -169,18 +198,23 @@ def evaluation(tokenizer, records, max_length, batch_size=32):
 
 
 def run(config, progress=True):
-    """Load, evaluate, add AdaLoRA, train, evaluate again, save the adapter; return a summary dict."""
+    """Load, evaluate, add AdaLoRA, train, evaluate again, save the adapter; return the model and a summary dict.
+
+    Before and after: held-out loss and exact match on the first eval_examples records of the test split. During
+    training (every config.train.eval_every steps, if set): the same on the validation split, into the log. With
+    config.merge, the returned model is the merged one.
+    """
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model(config)
-    splits = load_instructions(config.data)
-    held_out = splits["test"].select(range(min(config.eval_examples, len(splits["test"]))))
-    evaluate = evaluation(tokenizer, held_out, config.max_length)
+    splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
+    evaluate, validate = (evaluation(tokenizer, first(splits[name], config.eval_examples), config.max_length)
+                          for name in ("test", "validation"))
     before = evaluate(model)
     model, allocator = add_adapters(model, config)
     train_set = [tokenize_record(r, tokenizer, config.max_length) for r in splits["train"]]
     batches = endless_batches(train_set, lambda rows: collate(rows, tokenizer.pad_token_id),
                               config.train.batch_size, config.train.seed)
-    log = train(model, batches, config.train, allocator, progress=progress)
+    log = train(model, batches, config.train, allocator, evaluate=validate, progress=progress)
     after = evaluate(model)
     out = Path(config.output_dir)
     if allocator is not None:
@@ -194,7 +228,31 @@ def run(config, progress=True):
     if allocator is not None:
         summary.update(final_budget=allocator.budget, ranks=allocator.ranks, rank_history=allocator.rank_history)
     (out / "log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
+    if config.merge:
+        merge_adapters(model).save_pretrained(out / "merged")
+        tokenizer.save_pretrained(out / "merged")
     return model, summary
+
+
+@torch.no_grad()
+def merge_adapters(model):
+    """Fold every adapter into its base, in place: each NF4 layer becomes an nn.Linear with its dequantized weight
+    (in the compute dtype), and each adapted layer the nn.Linear W + ΔW. What is left is a plain transformers model:
+    save_pretrained, generate and from_pretrained work without minilora, with no adapter cost per token."""
+    adapters = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear | SVDLinear)]
+    merged = [name for name, m in adapters if getattr(m, "merged", False)]
+    if merged:
+        raise ValueError(f"{merged[0]} is merged already: call its unmerge() first (nothing was changed)")
+    dequantize_model(model)
+    for name, module in adapters:
+        module.base.weight += module.delta_weight().to(module.base.weight.dtype)
+        replace_module(model, name, module.base)
+    return model
+
+
+def first(dataset, n):
+    """The first n records of a data set split (all of them if it has fewer)."""
+    return dataset.select(range(min(n, len(dataset))))
 
 
 def add_adapters(model, config):

@@ -1,5 +1,6 @@
 """End to end: the CLI tune improves held-out results; the loop and the Trainer callback follow AdaLoRA's rules."""
 
+import json
 import os
 import re
 import subprocess
@@ -11,8 +12,20 @@ import transformers
 
 from minilora import AdaLoRAConfig, add_adalora
 from minilora.adapter_io import load_adapter
-from minilora.data import collate, load_instructions, tokenize_record
-from minilora.tune import AdaLoRACallback, RunConfig, TrainSettings, endless_batches, load_model, train
+from minilora.data import collate, load_instructions, tokenize_record, with_held_out
+from minilora.tune import (
+    AdaLoRACallback,
+    RunConfig,
+    TrainSettings,
+    add_adapters,
+    endless_batches,
+    evaluation,
+    fitting_page_bytes,
+    load_model,
+    merge_adapters,
+    run,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +61,65 @@ def test_saved_adapter_reloads_with_the_same_outputs(cli_run):
         tuned_logits, base_logits = reloaded(**batch).logits, base(**batch).logits
     assert not torch.allclose(tuned_logits, base_logits, atol=1e-3), "the adapter changes the model"
     assert reloaded(**batch).loss < base(**batch).loss
+
+
+def test_run_on_a_jsonl_file_holds_out_records_and_validates_periodically(tmp_path):
+    records = load_instructions(split="train").select(range(60))
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = RunConfig(data=str(path), output_dir=str(tmp_path / "out"), eval_examples=8, merge=True,
+                       train=TrainSettings(steps=4, batch_size=4, eval_every=2))
+    _, summary = run(config, progress=False)
+    log = json.loads((tmp_path / "out" / "log.json").read_text())["log"]
+    assert [r["step"] for r in log if "eval_loss" in r and "exact_match" in r] == [2, 4]
+    assert summary["before"]["eval_loss"] > 0 and (tmp_path / "out" / "adapter").is_dir()
+    # the merged model is a plain transformers checkpoint that scores what the tuned model scored
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / "merged")
+    held_out = with_held_out(load_instructions(path), 8)["test"]
+    after = evaluation(tokenizer, held_out, config.max_length)(merged)
+    assert after["eval_loss"] == pytest.approx(summary["after"]["eval_loss"], abs=1e-4)
+    assert after["exact_match"] == summary["after"]["exact_match"]
+
+
+@pytest.mark.parametrize("method", ["adalora", "lora"])
+def test_merging_folds_adapters_into_a_plain_dense_model(method):
+    model, _ = load_model(RunConfig())
+    model, _ = add_adapters(model, RunConfig(method=method))
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)  # an adapter that changes the outputs
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        merged = merge_adapters(model)
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    kinds = {type(m).__name__ for m in merged.modules()}
+    assert "Linear" in kinds and not kinds & {"NF4Linear", "SVDLinear", "LoRALinear"}
+    assert not any(p.requires_grad for p in merged.parameters())
+
+
+def test_merging_refuses_an_adapter_merged_by_hand_and_changes_nothing():
+    model, _ = add_adapters(load_model(RunConfig(quantize=False))[0], RunConfig())
+    layer = model.get_submodule("model.layers.1.mlp.up_proj")
+    layer.merge()
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj is merged already: call its unmerge"):
+        merge_adapters(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pages_fit_the_adapters():
+    adapter = [torch.zeros(6), torch.zeros(6, 128), torch.zeros(128, 6)]  # Λ, Q, P of a tiny model's adapter
+    assert fitting_page_bytes(adapter) == 4096, "the smallest page: even 4 KiB pages are mostly padding here"
+    big = [torch.zeros(12), torch.zeros(12, 4096), torch.zeros(4096, 12)] * 7  # a 7B layer's adapters
+    page = fitting_page_bytes(big)
+    states = sum(t.numel() * 4 for t in big)
+    rounded = sum(-(-t.numel() * 4 // page) * page for t in big)
+    assert rounded <= 1.125 * states < sum(-(-t.numel() * 4 // (2 * page)) * 2 * page for t in big)
+    assert fitting_page_bytes([torch.zeros(2**24)]) == 2**20, "at most 1 MiB"
 
 
 def tiny_model_and_batches(steps, target=("q_proj", "v_proj")):
