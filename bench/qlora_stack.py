@@ -62,8 +62,8 @@ def tune_minilora(config, evaluate, batches):
     model, _ = load_model(config)
     before = evaluate(model)
     model, allocator = add_adapters(model, config)
-    log = train(model, batches, config.train, allocator, progress=False)
-    return {"before": before, "after": evaluate(model), "final_loss": log[-1]["loss"], "final_budget": allocator.budget}
+    train(model, batches, config.train, allocator, progress=False)
+    return {"before": before, "after": evaluate(model), "final_budget": allocator.budget}
 
 
 def reference_model(config):
@@ -127,16 +127,14 @@ def tune_reference(config, evaluate, batches):
     optimizer = PagedAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     for step in range(1, settings.steps + 1):
-        loss = model(**next(batches)).loss  # task loss + the orthogonal penalty
-        loss.backward()
+        model(**next(batches)).loss.backward()  # the loss includes the orthogonal penalty
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     pattern = model.peft_config["default"].rank_pattern
-    return {"before": before, "after": evaluate(model), "final_loss": loss.item(),
-            "final_budget": sum(sum(kept) for kept in pattern.values()) if pattern else None}
+    return {"before": before, "after": evaluate(model), "final_budget": sum(sum(kept) for kept in pattern.values())}
 
 
 TUNES = {"minilora": tune_minilora, "reference": tune_reference}
