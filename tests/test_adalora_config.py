@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from minilora import AdaLoRAConfig, add_adalora
 from minilora.adalora import attach_svd_adapters
@@ -11,20 +11,6 @@ from minilora.budget import RankAllocator
 from minilora.lora import matches_target
 from minilora.orthogonal import orthogonal_penalty
 from minilora.svd_adapter import SVDLinear
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def test_defaults_and_resolved_schedule():

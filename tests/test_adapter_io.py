@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
 
 from minilora import AdaLoRAConfig, add_adalora
 from minilora.adalora import attach_svd_adapters
@@ -15,20 +15,6 @@ from minilora.orthogonal import orthogonal_penalty
 from minilora.svd_adapter import SVDLinear
 
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def tiny_llama(seed=0, hidden=32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=hidden,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def logits(model):
