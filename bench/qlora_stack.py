@@ -148,9 +148,10 @@ def measure(stack, steps, eval_examples):
     from minilora.tune import RunConfig, TrainSettings, endless_batches, evaluation
 
     quiet()
-    tokenizer = AutoTokenizer.from_pretrained(RunConfig().model)
-    splits = load_instructions(RunConfig().data)
-    max_length = RunConfig().max_length
+    defaults = RunConfig()
+    tokenizer = AutoTokenizer.from_pretrained(defaults.model)
+    splits = load_instructions(defaults.data)
+    max_length = defaults.max_length
     train_set = [tokenize_record(r, tokenizer, max_length) for r in splits["train"]]
     results = []
     for n_steps, n_eval in ((2, 4), (steps, eval_examples)):
