@@ -33,16 +33,18 @@ from minilora.nf4 import dequantize_nf4, quantize_nf4
 class DequantizeMatmul(torch.autograd.Function):
     """y = x·Wᵀ with W = doubleDequant(W_NF4) (eq. 5's base term). Backward dequantizes W again for
     ∂L/∂x = ∂L/∂y·W (notebook 08's eq. 7) instead of saving it: the graph keeps a reference to the 4-bit codes
-    and nothing else (not even x, since the frozen W needs no gradient)."""
+    and nothing else (not even x, since the frozen W needs no gradient). The bias goes into the same call, as in
+    Linear4bit: a fused product-plus-bias rounds like theirs on any CPU, where a separate `+ bias` may not."""
 
     @staticmethod
-    def forward(ctx, x, quantized, dtype):
+    def forward(ctx, x, quantized, dtype, bias):
         ctx.quantized, ctx.dtype = quantized, dtype  # a reference to the stored codes, not a saved float tensor
-        return F.linear(x, dequantize_nf4(quantized, dtype))
+        return F.linear(x, dequantize_nf4(quantized, dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return grad_output @ dequantize_nf4(ctx.quantized, ctx.dtype), None, None
+        grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_output @ dequantize_nf4(ctx.quantized, ctx.dtype), None, None, grad_bias
 
 
 def nf4_to(quantized, device):
@@ -99,8 +101,7 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.quantized, self.compute_dtype)
 
     def forward(self, x):
-        out = DequantizeMatmul.apply(x.to(self.compute_dtype), self.quantized, self.compute_dtype)
-        return out if self.bias is None else out + self.bias
+        return DequantizeMatmul.apply(x.to(self.compute_dtype), self.quantized, self.compute_dtype, self.bias)
 
     def extra_repr(self):
         q = self.quantized

@@ -71,13 +71,21 @@ def forward_backward(layer, x):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_same_outputs_and_input_gradients_as_linear4bit(bias):
-    # Without double quantization the codes, the constants and the matmul are bitsandbytes' own: bit for bit.
+    # Without double quantization the codes and the constants are bitsandbytes' own, and the product is the same torch
+    # call on the same operands (F.linear with the bias), so it is bit for bit on any CPU.
     torch.manual_seed(0)
     linear = nn.Linear(320, 192, bias=bias)
     x = torch.randn(3, 5, 320)
     ours = forward_backward(NF4Linear.from_linear(linear, double_quant=False), x)
     theirs = forward_backward(bnb_linear4bit(linear, compress_statistics=False), x)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_a_bias_made_trainable_gets_its_gradient_through_the_fused_call():
+    layer = NF4Linear.from_linear(nn.Linear(64, 32))
+    layer.bias.requires_grad_(True)
+    layer(torch.randn(3, 5, 64)).sum().backward()
+    assert torch.equal(layer.bias.grad, torch.full((32,), 15.0))
 
 
 def test_double_quantization_agrees_with_linear4bit_up_to_its_8bit_lookup():
