@@ -96,6 +96,7 @@ def main():
             setup.train(batch, args.steps)
 
     median = {s.name: statistics.median(s.times) for s in setups}
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"LlamaForCausalLM hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"{len(TARGETS) * config.num_hidden_layers} adapted linear layers, rank {RANK}, batch {tuple(batch.shape)}, "
           f"{args.threads} thread(s); median of {args.rounds} interleaved rounds x {args.steps} steps")

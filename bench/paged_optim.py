@@ -57,7 +57,8 @@ def measure(page_bytes, budget_pages, device):
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state_bytes = sum(torch.Size(s).numel() for s in SHAPES) * 4
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
     print(f"{len(SHAPES)} parameters, {state_bytes / 2**20:.1f} MiB per state (exp_avg, exp_avg_sq)\n")
     header = f"{'page':>8} {'budget':>14} {'torch ms':>9} {'paged ms':>9} {'ratio':>6} {'MiB/step':>9} {'page-ins':>9}"
     print(header)

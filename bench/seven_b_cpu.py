@@ -31,12 +31,16 @@ GIB = 2**30
 
 
 def machine():
-    """The CPU model, its logical cores and the RAM, from /proc."""
+    """The CPU model, its logical cores and the RAM, from /proc, and the kernels torch picked for it (AVX512, AVX2,
+    DEFAULT...): float results depend on them, and bitsandbytes 0.50's CPU dequantize bug shows on AVX-512 only."""
+    import torch
+
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
     ram = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal:"))
-    return f"{cpu}, {os.cpu_count()} logical cores, {ram / GIB:.1f} GiB RAM"
+    return (f"{cpu}, {os.cpu_count()} logical cores, {ram / GIB:.1f} GiB RAM, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def fix_mmap_threshold(kib):
