@@ -20,10 +20,18 @@ $(READY): pyproject.toml
 lint: $(READY)
 	$(BIN)/ruff check .
 
-# Lint, the graduation (drift) check, then unit, oracle and end-to-end tests plus strict nbval over notebooks/.
+# A second floating-point environment on the same machine: torch's scalar kernels instead of the CPU's vector ones,
+# MKL's compatible code path and one thread. Matmuls, softmaxes and sums then round differently in their last bits,
+# as on another reader's CPU; the stored notebook outputs and the oracle tests must pass under both.
+SECOND_FP_ENV := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+
+# Lint, the graduation (drift) check, then unit, oracle and end-to-end tests plus strict nbval over notebooks/,
+# then all of it again under the second floating-point environment.
 test: lint
 	$(BIN)/python -m minilora graduate --check
 	$(BIN)/python -m pytest
+	@echo "== second pass: $(SECOND_FP_ENV)"
+	$(SECOND_FP_ENV) $(BIN)/python -m pytest
 
 # Jupyter refuses root unless told; containers and cloud notebooks often run as root.
 lab: $(READY)
