@@ -42,7 +42,7 @@ def test_notebook_contract(path):
             assert "it/s]" not in "".join(output.get("text", "")), "no progress bars in stored outputs"
             assert not any(kind.startswith("application/vnd.jupyter.widget") for kind in output.get("data", {})), \
                 "no stored widgets (a progress bar renders as one in JupyterLab)"
-            assert output.get("name") != "stderr", "no warnings in stored outputs: a learner reads them as a broken setup"
+            assert output.get("name") != "stderr", "no warnings in stored outputs: they look like a broken setup"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
