@@ -66,10 +66,11 @@ def cmd_tune(args):
 
     from minilora.tune import RunConfig, TrainSettings, run
 
-    given = {key: value for key, value in vars(args).items() if key not in ("command", "no_progress")}
+    given = {key: value for key, value in vars(args).items() if key not in ("command", "no_progress", "debug")}
     train_keys = {f.name for f in fields(TrainSettings)}
     train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys})
     config = RunConfig(**{k: v for k, v in given.items() if k not in train_keys}, train=train)
+    config.check()
     ranks = f"AdaLoRA rank {config.init_r} -> {config.target_r}" if config.method == "adalora" else \
         f"LoRA rank {config.target_r}"
     print(f"tuning {config.model} on {config.data or 'the bundled instruction set'} ({config.device}): {train.steps} "
@@ -104,27 +105,40 @@ def build_parser():
     plan.add_argument("--no-double-quant", action="store_true")
     plan.add_argument("--no-gradient-checkpointing", action="store_true")
     plan.add_argument("--resident-mib", type=int, default=0, help="PagedAdamW resident budget (0: all resident)")
-    tune = sub.add_parser("tune", argument_default=argparse.SUPPRESS,
-                          help="QLoRA+AdaLoRA-tune a model end to end (default: the bundled tiny model and data)")
-    tune.add_argument("--model", help="checkpoint dir, hub id, or llama-2-7b (random weights, a rehearsal)")
-    tune.add_argument("--data", help="a .jsonl file or a hub data set id (default: the bundled set)")
-    tune.add_argument("--output-dir")
-    tune.add_argument("--steps", type=int, help="optimizer steps (AdaLoRA's total_steps)")
-    tune.add_argument("--batch-size", type=int)
-    tune.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    tune.add_argument("--lr", type=float)
-    tune.add_argument("--method", choices=["adalora", "lora"], help="adalora (default) or lora at rank target_r")
-    tune.add_argument("--init-r", type=int, help="AdaLoRA's initial rank per layer")
-    tune.add_argument("--target-r", type=int, help="AdaLoRA's final average rank per layer")
-    tune.add_argument("--eval-examples", type=int, help="held-out examples for loss and exact match")
-    tune.add_argument("--eval-every", type=int, help="also evaluate on the validation split every N steps (0: never)")
-    tune.add_argument("--gradient-checkpointing", action="store_true")
-    tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
-    tune.add_argument("--no-quantize", dest="quantize", action="store_false", help="keep the base in float32")
-    tune.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    tune.add_argument("--seed", type=int)
-    tune.add_argument("--no-progress", action="store_true", default=False)
+    add_tune_parser(sub)
     return parser
+
+
+def add_tune_parser(sub):
+    """`tune`'s options, their defaults taken from RunConfig and TrainSettings (one source for the CLI and the API)."""
+    from minilora.tune import RunConfig, TrainSettings
+
+    run, train = RunConfig(), TrainSettings()
+    tune = sub.add_parser("tune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="QLoRA+AdaLoRA-tune a model end to end (default: the bundled tiny model and data)")
+    tune.add_argument("--model", default=run.model, help="checkpoint dir, hub id, or llama-2-7b (random weights)")
+    tune.add_argument("--data", default=run.data, help="a .jsonl file or a hub data set id (None: the bundled set)")
+    tune.add_argument("--output-dir", default=run.output_dir, help="where the adapter and the log are written")
+    tune.add_argument("--method", choices=["adalora", "lora"], default=run.method, help="lora: rank target_r")
+    tune.add_argument("--init-r", type=int, default=run.init_r, help="AdaLoRA's initial rank per layer")
+    tune.add_argument("--target-r", type=int, default=run.target_r, help="AdaLoRA's final average rank per layer")
+    tune.add_argument("--max-length", type=int, default=run.max_length, help="tokens per record (prompt + answer)")
+    tune.add_argument("--eval-examples", type=int, default=run.eval_examples,
+                      help="held-out examples for loss and exact match")
+    tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
+    tune.add_argument("--no-quantize", dest="quantize", action="store_false",
+                      help="keep the base in float32 (quantize: %(default)s)")
+    tune.add_argument("--device", default=run.device, help="cuda or cpu")
+    tune.add_argument("--steps", type=int, default=train.steps, help="optimizer steps (AdaLoRA's total_steps)")
+    tune.add_argument("--batch-size", type=int, default=train.batch_size, help="examples per micro-batch")
+    tune.add_argument("--grad-accum", type=int, default=train.grad_accum, help="micro-batches per optimizer step")
+    tune.add_argument("--lr", type=float, default=train.lr, help="learning rate")
+    tune.add_argument("--eval-every", type=int, default=train.eval_every,
+                      help="also evaluate on the validation split every N steps (0: never)")
+    tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    tune.add_argument("--seed", type=int, default=train.seed, help="seeds the adapters, the data order and the split")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tune.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
 
 
 COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
@@ -133,7 +147,13 @@ COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as error:  # a setting or a file the user gave: say what, not where
+        if getattr(args, "debug", False):
+            raise
+        print(f"python -m minilora {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

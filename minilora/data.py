@@ -42,7 +42,7 @@ def format_prompt(record):
     return prompt, prompt + record["output"]
 
 
-def _looks_like_a_path(source):
+def looks_like_a_path(source):
     text = str(source)
     return (Path(text).suffix in (".json", ".jsonl") or text.startswith((".", "/", "~"))
             or text.count("/") > 1 or "\\" in text)
@@ -90,7 +90,7 @@ def load_instructions(source=None, split=None):
         data = _quiet_load("json", data_files=files)
     elif path.is_file():
         data = _quiet_load("json", data_files={"train": str(path)})
-    elif _looks_like_a_path(source):
+    elif looks_like_a_path(source):
         raise FileNotFoundError(f"no such file or directory: {path}. Pass an existing .jsonl file or directory, "
                                 f"None for the bundled data set, or a hub id such as 'tatsu-lab/alpaca'")
     else:
@@ -107,7 +107,7 @@ def load_base_model(path=BASE_MODEL_DIR, dtype=torch.float32):
     """Load a causal LM and its tokenizer from a local directory (the bundled tiny Llama by default) or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if _looks_like_a_path(path) and not (Path(path).expanduser() / "config.json").is_file():
+    if looks_like_a_path(path) and not (Path(path).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"no model (config.json) in {path}; for the bundled tiny model run "
                                 f"`python data/pretrain_base.py` from the repository root")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

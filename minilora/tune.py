@@ -27,6 +27,7 @@ from minilora.data import (
     collate,
     exact_match,
     load_instructions,
+    looks_like_a_path,
     tokenize_record,
     with_held_out,
 )
@@ -54,6 +55,29 @@ class TrainSettings:
     page_bytes: int | None = None  # PagedAdamW's page; None: fitting_page_bytes(the adapters)
     seed: int = 0
 
+    def check(self):
+        """Refuse a setting that cannot train, naming it, its value and the fix (before anything heavy runs)."""
+        refuse_bad_settings(self, [
+            ("steps", self.steps >= 1, "train for at least 1 optimizer step"),
+            ("batch_size", self.batch_size >= 1, "use at least 1 example per micro-batch"),
+            ("grad_accum", self.grad_accum >= 1, "use at least 1 micro-batch per optimizer step"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "use a positive learning rate (5e-3 here, 2e-4 for 7B)"),
+            ("weight_decay", self.weight_decay >= 0, "use 0 or a positive weight decay"),
+            ("max_grad_norm", self.max_grad_norm > 0, "use a positive clipping norm (1.0 here; QLoRA used 0.3)"),
+            ("eval_every", self.eval_every >= 0, "use 0 (never) or a positive number of optimizer steps"),
+            ("resident_bytes", self.resident_bytes is None or self.resident_bytes > 0,
+             "leave it unset (every page resident) or give a positive number of bytes"),
+            ("page_bytes", self.page_bytes is None or self.page_bytes > 0,
+             "leave it unset (a fitting size is chosen) or give a positive number of bytes"),
+        ])
+
+
+def refuse_bad_settings(settings, rules):
+    """rules: (field name, whether its value is acceptable, what to do instead). Raise on the first bad one."""
+    for name, ok, fix in rules:
+        if not ok:
+            raise ValueError(f"{name}={getattr(settings, name)!r}: {fix}")
+
 
 def fitting_page_bytes(params, smallest=4096, largest=2**20, waste=0.125):
     """A PagedAdamW page size for these parameters: the largest power of two from `smallest` to `largest` whose
@@ -69,7 +93,11 @@ def fitting_page_bytes(params, smallest=4096, largest=2**20, waste=0.125):
 
 
 def endless_batches(dataset, collate, batch_size, seed):
-    """Shuffled batches forever, reshuffled each epoch from one seeded generator (so runs repeat exactly)."""
+    """Shuffled batches forever, reshuffled each epoch from one seeded generator (so runs repeat exactly). Every
+    batch is full, so the data set must hold at least one batch: with fewer records no batch would ever come."""
+    if batch_size < 1 or len(dataset) < batch_size:
+        raise ValueError(f"batch_size={batch_size} but the training split has {len(dataset)} records: use a batch "
+                         "size from 1 to the number of training records, or give more training data")
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(dataset), generator=generator).tolist()
@@ -85,6 +113,7 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
     `evaluate(model)` an optional function returning a dict of metrics, called every settings.eval_every steps
     (its results go into that step's record).
     """
+    settings.check()
     config = allocator.config if allocator is not None else None
     if config is not None and config.total_steps != settings.steps:
         raise ValueError(f"AdaLoRAConfig.total_steps={config.total_steps} but the run has {settings.steps} optimizer "
@@ -177,6 +206,29 @@ class RunConfig:
     merge: bool = False  # also save the merged model (dequantized base + adapters) to output_dir/merged
     train: TrainSettings = field(default_factory=TrainSettings)
 
+    def check(self):
+        """Refuse a setting that cannot work, naming it, its value and the fix, before the model or data load."""
+        self.train.check()
+        local = self.model not in KNOWN and looks_like_a_path(self.model)
+        refuse_bad_settings(self, [
+            ("method", self.method in ("adalora", "lora"), "use 'adalora' or 'lora'"),
+            ("model", not local or Path(self.model).expanduser().is_dir(), "no such directory: pass a checkpoint "
+             f"directory, a hub id such as meta-llama/Llama-2-7b-hf, or one of {sorted(KNOWN)} (random weights)"),
+            ("target_modules", len(self.target_modules) > 0, "name at least one layer type, e.g. q_proj v_proj"),
+            ("target_r", self.target_r >= 1, "use a rank of at least 1"),
+            ("init_r", self.method == "lora" or self.init_r >= self.target_r,
+             f"AdaLoRA starts at init_r and prunes to target_r={self.target_r}: use init_r >= target_r"),
+            ("lora_alpha", self.lora_alpha > 0, "use a positive scaling numerator (12 here)"),
+            ("orth_reg_weight", self.orth_reg_weight >= 0, "use 0 (no penalty) or a positive weight (0.1 here)"),
+            ("max_length", self.max_length >= 8, "records need room for a prompt and an answer: use 8 tokens or more"),
+            ("eval_examples", self.eval_examples >= 1, "evaluate on at least 1 held-out example"),
+            ("device", self.device == "cpu" or (self.device.startswith("cuda") and torch.cuda.is_available()),
+             "use cpu: torch sees no CUDA GPU here (python -m minilora env says why)"),
+        ])
+        if self.method == "adalora" and self.train.steps < 2:
+            raise ValueError(f"steps={self.train.steps}: AdaLoRA scores the adapters for at least one step before its "
+                             "final mask, so it needs 2 optimizer steps or more (or use --method lora)")
+
 
 def evaluation(tokenizer, records, max_length, batch_size=32):
     """A function model -> {held-out loss, exact match} over the same records every time."""
@@ -204,9 +256,15 @@ def run(config, progress=True):
     training (every config.train.eval_every steps, if set): the same on the validation split, into the log. With
     config.merge, the returned model is the merged one.
     """
+    config.check()
+    splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
+    if len(splits["train"]) < config.train.batch_size:
+        raise ValueError(f"batch_size={config.train.batch_size} but the training split has only "
+                         f"{len(splits['train'])} records (a single data file also gives up to eval_examples="
+                         f"{config.eval_examples} of its records to validation and to test): lower the batch size, "
+                         "or give more data")
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model(config)
-    splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
     evaluate, validate = (evaluation(tokenizer, first(splits[name], config.eval_examples), config.max_length)
                           for name in ("test", "validation"))
     before = evaluate(model)

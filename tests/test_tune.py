@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from minilora import AdaLoRAConfig, add_adalora
+from minilora.__main__ import main
 from minilora.adapter_io import load_adapter
 from minilora.data import collate, load_instructions, tokenize_record, with_held_out
 from minilora.tune import (
@@ -181,3 +182,63 @@ def test_plan_command_prints_the_7b_plan():
     out = subprocess.run([sys.executable, "-m", "minilora", "plan", "--model", "llama-2-7b", "--seq-len", "128"],
                          capture_output=True, text=True, check=True).stdout
     assert "quantized weights (NF4 codes)" in out and "predicted peak" in out
+
+
+BAD_TUNE_SETTINGS = [
+    (["--batch-size", "0"], "batch_size=0"),
+    (["--batch-size", "-1"], "batch_size=-1"),
+    (["--steps", "0"], "steps=0"),
+    (["--steps", "1"], "steps=1"),  # AdaLoRA's final mask needs one scored step before it
+    (["--grad-accum", "0"], "grad_accum=0"),
+    (["--eval-examples", "0"], "eval_examples=0"),
+    (["--lr", "0"], "lr=0.0"),
+    (["--lr", "nan"], "lr=nan"),
+    (["--eval-every", "-1"], "eval_every=-1"),
+    (["--init-r", "2"], "init_r=2"),
+    (["--target-r", "0"], "target_r=0"),
+    (["--max-length", "4"], "max_length=4"),
+    (["--model", "./no-such-checkpoint"], "model='./no-such-checkpoint'"),
+    (["--data", "./no-such-file.jsonl"], "no such file or directory"),
+]
+
+
+def refuse_to_load(config):
+    raise AssertionError("a bad setting must be refused before the model loads")
+
+
+@pytest.mark.parametrize("argv, named", BAD_TUNE_SETTINGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_tune_refuses_a_bad_setting_in_one_line_before_loading_the_model(argv, named, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("minilora.tune.load_model", refuse_to_load)
+    assert main(["tune", *argv, "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert named in error and "\n" not in error, error
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused run"
+
+
+def test_a_training_split_smaller_than_the_batch_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    # The last round's hang: 405 records, 400 held out for validation and test, 5 left for a batch of 8.
+    records = load_instructions(split="train").select(range(12))
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr("minilora.tune.load_model", refuse_to_load)
+    assert main(["tune", "--data", str(path), "--eval-examples", "4", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "batch_size=8 but the training split has only 4 records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size, batch_size", [(5, 8), (0, 1), (5, 0)])
+def test_endless_batches_refuse_what_would_never_yield_a_batch(size, batch_size):
+    with pytest.raises(ValueError, match=f"batch_size={batch_size} but the training split has {size} records"):
+        next(endless_batches(list(range(size)), list, batch_size, seed=0))
+
+
+def test_the_loop_refuses_settings_that_cannot_train():
+    model, allocator, data = tiny_model_and_batches(steps=12)
+    batches = endless_batches(data, lambda rows: collate(rows, 0), batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="grad_accum=0: use at least 1 micro-batch"):
+        train(model, batches, TrainSettings(steps=12, grad_accum=0), allocator, progress=False)
+
+
+def test_the_shortest_adalora_run_completes(tmp_path):
+    config = RunConfig(output_dir=str(tmp_path), eval_examples=2, train=TrainSettings(steps=2, batch_size=2))
+    _, summary = run(config, progress=False)
+    assert summary["final_budget"] == 4 * 28
