@@ -87,14 +87,9 @@ def cmd_tune(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("env", help="versions, threads, GPU and bf16 speed, with a verdict per requirement")
-    grad = sub.add_parser("graduate", help="write the package's taught modules from the notebooks")
-    grad.add_argument("--check", action="store_true", help="only report modules that differ; exit 1 if any")
-    nbs = sub.add_parser("notebooks", help="re-execute notebooks in place (all of them by default)")
-    nbs.add_argument("paths", nargs="*", type=Path)
-    stu = sub.add_parser("student", help="write student editions (solutions removed) of every notebook")
-    stu.add_argument("--out", type=Path, default=REPO / "student")
+    add_tune_parser(sub)
     plan = sub.add_parser("plan", help="bytes by component of a QLoRA+AdaLoRA run, from the model's config alone")
     plan.add_argument("--model", default="llama-2-7b", help="llama-2-7b, llama-2-13b, a checkpoint dir or a hub id")
     plan.add_argument("--batch-size", type=int, default=1)
@@ -105,7 +100,12 @@ def build_parser():
     plan.add_argument("--no-double-quant", action="store_true")
     plan.add_argument("--no-gradient-checkpointing", action="store_true")
     plan.add_argument("--resident-mib", type=int, default=0, help="PagedAdamW resident budget (0: all resident)")
-    add_tune_parser(sub)
+    stu = sub.add_parser("student", help="for instructors: write student editions (solutions removed) of the notebooks")
+    stu.add_argument("--out", type=Path, default=REPO / "student")
+    grad = sub.add_parser("graduate", help="for maintainers: write the package's taught modules from the notebooks")
+    grad.add_argument("--check", action="store_true", help="only report modules that differ; exit 1 if any")
+    nbs = sub.add_parser("notebooks", help="for maintainers: re-execute notebooks in place (all of them by default)")
+    nbs.add_argument("paths", nargs="*", type=Path)
     return parser
 
 

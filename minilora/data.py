@@ -16,6 +16,7 @@ The bundled data set and the tiny base model live in data/ and are made by data/
 data/pretrain_base.py (see data/README.md).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ BASE_MODEL_DIR = DATA_DIR / "tiny-llama"
 SPLITS = ("train", "validation", "test")
 HEADERS = ("### Instruction:", "### Input:", "### Response:")
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and transformers' loss) skips
+EXAMPLE_RECORD = '{"instruction": "Reverse the word.", "input": "kamo", "output": "omak"}'
 
 
 def format_prompt(record):
@@ -46,6 +48,55 @@ def looks_like_a_path(source):
     text = str(source)
     return (Path(text).suffix in (".json", ".jsonl") or text.startswith((".", "/", "~"))
             or text.count("/") > 1 or "\\" in text)
+
+
+def read_records(path):
+    """The instruction records of one local file, each checked, as a datasets.Dataset. A .jsonl file holds one JSON
+    object per line (blank lines are skipped), a .json file one JSON list of objects. An error names the file and
+    the line (or, in a .json list, the record's index), what is wrong, and what a record must look like."""
+    from datasets import Dataset
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}); a .json file holds one list "
+                             f"of records (use .jsonl for one record per line)") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json file must hold a list of records, found a {type(rows).__name__}")
+        located = [(f"{path}, record {i}", row) for i, row in enumerate(rows)]
+    elif path.suffix == ".jsonl":
+        located = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    located.append((f"{path}, line {number}", json.loads(line)))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be one "
+                                     f"record such as {EXAMPLE_RECORD}") from None
+    else:
+        raise ValueError(f"{path}: instruction data must be a .jsonl file (one record per line) or a .json list of "
+                         f"records, such as {EXAMPLE_RECORD}; convert other formats first")
+    if not located:
+        raise ValueError(f"{path} holds no records: write one per line, such as {EXAMPLE_RECORD}")
+    return Dataset.from_list([checked_record(row, where) for where, row in located])
+
+
+def checked_record(row, where):
+    """One record as {"instruction", "input", "output"} strings, or an error that says where and what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: a record must be a JSON object such as {EXAMPLE_RECORD}, found {row!r:.60}")
+    missing = [key for key in ("instruction", "output") if key not in row]
+    if missing:
+        raise ValueError(f"{where}: the record lacks {missing} (its fields: {sorted(row)}); each record needs "
+                         "'instruction' and 'output' and may have 'input': rename the fields")
+    record = {"instruction": row["instruction"], "input": row.get("input") or "", "output": row["output"]}
+    for key, value in record.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: '{key}' must be a string, found {value!r:.60}: write it in quotes")
+    return record
 
 
 def _check_fields(data, source):
@@ -80,22 +131,25 @@ def load_instructions(source=None, split=None):
     train/validation/test .jsonl files; one .json/.jsonl file (loaded as split "train"); or a Hugging Face hub id
     such as "tatsu-lab/alpaca" (needs internet the first time).
     """
+    from datasets import DatasetDict
+
     source = INSTRUCTIONS_DIR if source is None else source
     path = Path(source).expanduser()
     if path.is_dir():
-        files = {s: str(path / f"{s}.jsonl") for s in SPLITS if (path / f"{s}.jsonl").is_file()}
-        if not files:
-            raise FileNotFoundError(f"no train.jsonl, validation.jsonl or test.jsonl in the directory {path}; "
-                                    f"put the records there, one JSON object per line, or pass a .jsonl file")
-        data = _quiet_load("json", data_files=files)
+        files = {s: path / f"{s}.jsonl" for s in SPLITS if (path / f"{s}.jsonl").is_file()}
+        others = sorted(p.name for p in path.glob("*.json*") if p.stem not in SPLITS)
+        if not files or others:
+            raise FileNotFoundError(f"the directory {path} must hold train.jsonl, and may hold validation.jsonl and "
+                                    f"test.jsonl{'; rename ' + ', '.join(others) if others else ''} (or pass one "
+                                    ".jsonl file: its validation and test records are then held out from it)")
+        data = DatasetDict({split: read_records(file) for split, file in files.items()})
     elif path.is_file():
-        data = _quiet_load("json", data_files={"train": str(path)})
+        data = DatasetDict({"train": read_records(path)})
     elif looks_like_a_path(source):
         raise FileNotFoundError(f"no such file or directory: {path}. Pass an existing .jsonl file or directory, "
                                 f"None for the bundled data set, or a hub id such as 'tatsu-lab/alpaca'")
     else:
-        data = _quiet_load(str(source))
-    data = _check_fields(data, source)
+        data = _check_fields(_quiet_load(str(source)), source)
     if split is None:
         return data
     if split not in data:

@@ -129,12 +129,8 @@ def test_a_train_only_source_gets_seeded_disjoint_held_out_splits(tmp_path):
 def test_bad_sources_and_splits_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory: .*nothing.jsonl"):
         load_instructions(tmp_path / "nothing.jsonl")
-    with pytest.raises(FileNotFoundError, match="no train.jsonl, validation.jsonl or test.jsonl"):
+    with pytest.raises(FileNotFoundError, match="must hold train.jsonl, and may hold validation.jsonl and test.jsonl"):
         load_instructions(tmp_path)
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "Say hi.", "output": "hi"}\n')
-    with pytest.raises(ValueError, match=r"lack the field\(s\) \['instruction'\]; found \['prompt', 'output'\]"):
-        load_instructions(bad)
     with pytest.raises(ValueError, match="split 'dev' is not in .* its splits are \\['train', 'validation', 'test'\\]"):
         load_instructions(split="dev")
     with pytest.raises(FileNotFoundError, match="no model \\(config.json\\) in .*pretrain_base.py"):
@@ -224,3 +220,37 @@ def test_the_base_model_cannot_follow_instructions_yet(base):
     model, tokenizer = base
     test = load_instructions(split="test").select(range(100))  # data/pretrain_base.py reports all 300
     assert exact_match(model, tokenizer, test, max_new_tokens=10, batch_size=len(test)) < 0.1
+
+
+GOOD = '{"instruction": "Say hi.", "output": "hi"}'
+BAD_FILES = [
+    ("empty.jsonl", "\n\n", r"empty.jsonl holds no records: write one per line"),
+    ("cut.jsonl", GOOD + "\n" + '{"instruction": "Say yo.", "output": "y' + "\n", r"cut.jsonl, line 2: not valid JSON"),
+    ("fields.jsonl", GOOD + "\n\n" + '{"prompt": "Say hi.", "output": "hi"}\n',
+     r"fields.jsonl, line 3: the record lacks \['instruction'\] \(its fields: \['output', 'prompt'\]\)"),
+    ("number.jsonl", '{"instruction": "Count.", "output": 5}\n',
+     r"number.jsonl, line 1: 'output' must be a string, found 5"),
+    ("list.jsonl", "[1, 2]\n", r"list.jsonl, line 1: a record must be a JSON object"),
+    ("table.csv", "instruction,output\nSay hi.,hi\n", r"table.csv: instruction data must be a .jsonl file"),
+    ("one.json", GOOD, r"one.json: a .json file must hold a list of records, found a dict"),
+    ("many.json", "[" + GOOD + ", 3]", r"many.json, record 1: a record must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("name, text, message", BAD_FILES, ids=[f[0] for f in BAD_FILES])
+def test_a_bad_data_file_is_refused_with_its_name_line_and_fix(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_instructions(path)
+
+
+def test_a_json_list_loads_and_a_directory_with_unknown_split_files_is_refused(tmp_path):
+    (tmp_path / "list.json").write_text("[" + GOOD + ", " + GOOD + "]")
+    assert load_instructions(tmp_path / "list.json", split="train")["output"] == ["hi", "hi"]
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(GOOD + "\n")
+    (folder / "valid.jsonl").write_text(GOOD + "\n")
+    with pytest.raises(FileNotFoundError, match="rename valid.jsonl"):
+        load_instructions(folder)
