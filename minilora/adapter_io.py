@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilora.adalora import AdaLoRAConfig, attach_svd_adapters
+from minilora.lora import replace_module
 from minilora.svd_adapter import SVDLinear
 
 FORMAT = "minilora-adalora/1"
@@ -95,36 +96,61 @@ def read_adapter_meta(directory):
 
 
 def load_adapter(model, directory):
-    """Put a saved adapter onto a base model (in place) and return the model.
+    """Put a saved adapter onto a base model (in place) and return the model; all or nothing.
 
     The base model must be the one the adapter was trained on. Adapters are attached exactly as add_adalora did
     (for init="svd" this recomputes the same residual base weights), then shrunk to the saved triplets and filled
-    with the saved values, so the outputs equal those of the saved model.
+    with the saved values, so the outputs equal those of the saved model. Every file and shape is checked before
+    any value is filled in; when one does not fit, the adapters are taken off again and the error says why, so the
+    model is as it was (for init="svd", up to float rounding of its restored weights) and a retry can follow.
     """
     meta = read_adapter_meta(directory)
     config = AdaLoRAConfig(**meta["config"])
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # missing, truncated or not safetensors: nothing has been touched yet
+        raise ValueError(f"{path} cannot be read ({error}): save the adapter again") from None
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     names = attach_svd_adapters(model, config)
-    if sorted(names) != sorted(meta["rank_pattern"]):
-        unknown = sorted(set(meta["rank_pattern"]) - set(names))
-        raise ValueError(
-            f"the adapter was saved for modules this model does not target (e.g. {unknown[:3]}): load it onto the "
-            "same kind of base model it was trained on"
-        )
-    tensors = load_file(Path(directory) / WEIGHTS_FILE)
+    try:
+        check_saved_shapes(model, names, meta["rank_pattern"], tensors)
+    except ValueError:
+        for name in names:
+            adapter = model.get_submodule(name)
+            if config.init == "svd":
+                adapter.merge()  # gives the base back the top singular triplets the initialization took out
+            replace_module(model, name, adapter.base)
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+        raise
     for name, flags in meta["rank_pattern"].items():
         module = model.get_submodule(name)
         module.keep_triplets(flags)
-        for key in ("P", "lam", "Q"):
-            saved, param = tensors[f"{name}.{key}"], getattr(module, key)
-            if saved.shape != param.shape:
-                raise ValueError(
-                    f"{name}.{key} was saved with shape {tuple(saved.shape)} but this model needs "
-                    f"{tuple(param.shape)}: load the adapter onto the base model it was trained on"
-                )
-            with torch.no_grad():
-                param.copy_(saved)
+        with torch.no_grad():
+            for key in ("P", "lam", "Q"):
+                getattr(module, key).copy_(tensors[f"{name}.{key}"])
         module.scaling = meta["scaling"][name]
     return model
+
+
+def check_saved_shapes(model, names, rank_pattern, tensors):
+    """Raise ValueError unless the saved adapter fits these freshly attached adapters, triplet for triplet."""
+    if sorted(names) != sorted(rank_pattern):
+        unknown = sorted(set(rank_pattern) - set(names)) or sorted(set(names) - set(rank_pattern))
+        raise ValueError(f"the adapter was saved for other modules than this model targets (e.g. {unknown[:3]}): "
+                         "load it onto the same kind of base model it was trained on")
+    for name, flags in rank_pattern.items():
+        module, kept = model.get_submodule(name), sum(flags)
+        if len(flags) != module.r:
+            raise ValueError(f"{name} was saved with {len(flags)} triplets but this model's adapter has {module.r}")
+        needed = {"P": (module.out_features, kept), "lam": (kept,), "Q": (kept, module.in_features)}
+        for key, shape in needed.items():
+            saved = tensors.get(f"{name}.{key}")
+            if saved is None or tuple(saved.shape) != shape:
+                found = "nothing" if saved is None else f"shape {tuple(saved.shape)}"
+                raise ValueError(f"{name}.{key} was saved with {found} but this model needs {shape}: load the adapter "
+                                 "onto the base model it was trained on")
 
 
 def export_peft(model, directory, config, rank_pattern=None, task_type=None):

@@ -160,3 +160,24 @@ def test_loading_onto_another_base_model_fails_clearly(tmp_path):
         load_adapter(tiny_llama(hidden=48), tmp_path)
     with pytest.raises(ValueError, match="no linear layer matches target_modules"):
         load_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path)
+
+
+def test_a_failed_load_leaves_the_model_as_it_was_and_a_retry_works(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    save_adapter(model, tmp_path / "good", CONFIG, rank_pattern)
+    (tmp_path / "cut").mkdir()
+    for name in ("minilora_adapter.json", "minilora_adapter.safetensors"):
+        data = (tmp_path / "good" / name).read_bytes()
+        (tmp_path / "cut" / name).write_bytes(data if name.endswith(".json") else data[: len(data) // 2])
+    base = tiny_llama()
+    before = logits(base)
+    with pytest.raises(ValueError, match="minilora_adapter.safetensors cannot be read"):
+        load_adapter(base, tmp_path / "cut")
+    other = tiny_llama(hidden=48)
+    other_before = logits(other)
+    with pytest.raises(ValueError, match="was saved with shape"):
+        load_adapter(other, tmp_path / "good")
+    for untouched, reference in ((base, before), (other, other_before)):
+        assert not any(isinstance(m, SVDLinear) for m in untouched.modules())
+        assert torch.equal(logits(untouched), reference)
+    assert torch.allclose(logits(load_adapter(base, tmp_path / "good")), logits(model), atol=1e-6)
