@@ -357,6 +357,17 @@ class PagedAdamW(torch.optim.Optimizer):
                 f"an AdamW state has the keys step, exp_avg and exp_avg_sq, got {sorted(state)}: "
                 "load a state_dict saved by PagedAdamW or torch.optim.AdamW (amsgrad=False)",
             )
+        # torch pairs saved states with parameters by position and checks only the counts; a moment of another
+        # shape (same count, sizes swapped) would spill into the next parameter's pages, so check every one
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, p in zip(saved_ids, params, strict=False):
+            for key, moment in state_dict["state"].get(index, {}).items():
+                _require(
+                    key == "step" or tuple(moment.shape) == tuple(p.shape),
+                    f"the saved {key} of parameter {index} has shape {tuple(moment.shape)} but the parameter has "
+                    f"{tuple(p.shape)}: load a state_dict saved for the same parameters in the same order",
+                )
         super().load_state_dict(state_dict)
         self._pager.clear()
         for p, state in self.state.items():

@@ -16,7 +16,7 @@ HYPER = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6)
 
 def make_params(seed=0, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in SHAPES]
+    return [torch.torch.nn.Parameter(torch.randn(shape, generator=generator).to(dtype)) for shape in SHAPES]
 
 
 def groups(params):
@@ -125,16 +125,16 @@ def test_state_dict_round_trip_mid_training_and_torch_interchange():
     torch.save(paged.state_dict(), buffer)  # while pages are resident and dirty
     buffer.seek(0)
     saved = torch.load(buffer)
-    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed_params = [torch.torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = PagedAdamW(groups(resumed_params), page_bytes=PAGE, resident_bytes=2 * PAGE)  # other budget
     resumed.load_state_dict(saved)
     assert resumed.param_groups[0]["lr"] == HYPER["lr"] and resumed.param_groups[1]["lr"] == 3e-3
 
     # torch.optim.AdamW loads PagedAdamW's state_dict, and PagedAdamW loads torch's.
-    torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    torch_params = [torch.torch.nn.Parameter(p.detach().clone()) for p in params]
     torch_resumed = torch.optim.AdamW(groups(torch_params))
     torch_resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
-    from_torch_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    from_torch_params = [torch.torch.nn.Parameter(p.detach().clone()) for p in params]
     from_torch = PagedAdamW(groups(from_torch_params), page_bytes=PAGE, resident_bytes=4 * PAGE)
     reference_buffer = io.BytesIO()
     torch.save(reference.state_dict(), reference_buffer)
@@ -170,8 +170,8 @@ def test_bfloat16_and_float32_parameters_together():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path (pinned pool, side stream) needs a GPU")
 @pytest.mark.parametrize("budget_pages", [2, 4, None])
 def test_cuda_pinned_pool_and_side_stream_equal_torch(budget_pages):
-    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
-    reference_params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    params = [torch.torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
+    reference_params = [torch.torch.nn.Parameter(p.detach().cuda()) for p in make_params()]
     resident = None if budget_pages is None else budget_pages * PAGE
     paged = PagedAdamW(groups(params), **HYPER, page_bytes=PAGE, resident_bytes=resident)
     reference = torch.optim.AdamW(groups(reference_params), **HYPER)
@@ -196,7 +196,7 @@ def test_pager_evicts_least_recently_used_and_writes_back_only_dirty_pages():
 
 
 def float_params():
-    return [torch.nn.Parameter(torch.zeros(10))]
+    return [torch.torch.nn.Parameter(torch.zeros(10))]
 
 
 @pytest.mark.parametrize(
@@ -239,3 +239,19 @@ def test_bad_parameters_and_uses():
     amsgrad.step()
     with pytest.raises(ValueError, match="amsgrad and maximize must be False"):
         PagedAdamW(float_params()).load_state_dict(amsgrad.state_dict())
+
+
+def test_a_state_for_parameters_of_other_shapes_is_refused_and_nothing_changes():
+    # same number of values, sizes swapped: without the check the moments would spill across parameters' pages
+    a, b = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))
+    swapped = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2, 3))]
+    saver = torch.optim.AdamW(swapped)
+    for p in swapped:
+        p.grad = torch.ones_like(p)
+    saver.step()
+    optimizer = PagedAdamW([a, b], page_bytes=64)
+    before = optimizer.state_dict()
+    with pytest.raises(ValueError, match=r"the saved exp_avg of parameter 0 has shape \(3, 2\) but the parameter has "
+                                         r"\(2, 3\): load a state_dict saved for the same parameters"):
+        optimizer.load_state_dict(saver.state_dict())
+    assert optimizer.state_dict() == before
