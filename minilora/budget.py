@@ -131,6 +131,13 @@ class RankAllocator:
                             "before optimizer.zero_grad() (zero_grad(set_to_none=True) deletes the gradients "
                             "the importance scores need)"
                         )
+            grads = [getattr(module, key).grad for module in self.adapters.values() for key in ("P", "lam", "Q")]
+            if not any(grad.any() for grad in grads):  # one adapter's may all be zero in a step; every one's, never
+                raise ValueError(
+                    f"step({global_step}): every adapter gradient is zero, so every importance |θ·∇θ| would be zero: "
+                    "call allocator.step(global_step) after optimizer.step() and before optimizer.zero_grad() "
+                    "(zero_grad(set_to_none=False) fills the gradients with zeros)"
+                )
         return global_step
 
     def _update_scores(self):

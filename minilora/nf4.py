@@ -196,11 +196,29 @@ def nf4_pair_levels(device):
     return pairs.view(torch.int64).view(-1).to(device)  # one gather copies both levels
 
 
+def check_parts(q):
+    """Raise unless the parts of q fit its shape and blocksize: an NF4Tensor whose codes were cut short, or whose
+    shape, blocksize or constants were swapped, would dequantize to wrong values without a word. Sizes only, no pass
+    over the values: this runs on every dequantization."""
+    redo = "quantize the tensor again with quantize_nf4"
+    if q.blocksize not in BLOCKSIZES:
+        raise ValueError(f"NF4Tensor.blocksize is {q.blocksize!r}, expected one of {', '.join(map(str, BLOCKSIZES))}: "
+                         f"{redo}")
+    n = q.shape.numel()
+    codes = ("packed", q.packed, (n + 1) // 2)  # two 4-bit codes per byte
+    constants = ("absmax8.quantized.codes", q.absmax8.quantized.codes) if q.double_quant else ("absmax32", q.absmax32)
+    for part, tensor, expected in (codes, (*constants, -(-n // q.blocksize))):  # one constant per block
+        if tensor.numel() != expected:
+            raise ValueError(f"NF4Tensor.{part} has {tensor.numel()} entries, expected {expected} for shape "
+                             f"{tuple(q.shape)} and blocksize {q.blocksize}: its parts do not fit together; {redo}")
+
+
 def dequantize_nf4(q, dtype=None):
     """The tensor an NF4Tensor stands for: level × block absmax in float32 (eq. 2), then cast to dtype (by default
     the dtype it was quantized from), in its original shape. Bit-exact with bitsandbytes' CPU dequantize_4bit."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 expects the NF4Tensor returned by quantize_nf4, got {type(q).__name__}")
+    check_parts(q)
     dtype = q.dtype if dtype is None else dtype
     if dtype not in DTYPES:
         raise TypeError(f"dequantize_nf4 can produce float32, bfloat16 or float16, not {dtype}")

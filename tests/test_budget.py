@@ -223,6 +223,38 @@ def test_step_without_gradients_says_when_to_call_it():
         allocator.step(0)
 
 
+def test_step_after_zero_grad_without_set_to_none_is_refused():
+    """zero_grad(set_to_none=False) leaves every gradient at zero: the scores would all be zero and the masks would
+    keep the first b triplets by position. The allocator refuses instead of pruning from nothing."""
+    model, x, targets = make_task()
+    allocator = RankAllocator(model, config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    loss_fn(model, x, targets).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    with pytest.raises(ValueError, match=r"step\(0\): every adapter gradient is zero, .*: call allocator\.step\("
+                       r"global_step\) after optimizer\.step\(\) and before optimizer\.zero_grad\(\)"):
+        allocator.step(0)
+    assert allocator.last_step is None and allocator.tracker.smoothed == {}  # nothing was scored
+
+
+def test_zero_gradients_are_fine_where_they_can_be_legitimate():
+    model, x, targets = make_task()
+    allocator = RankAllocator(model, config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for step in range(30):  # one adapter with all-zero gradients (its layer had no loss this step) is scored as such
+        loss_fn(model, x, targets).backward()
+        optimizer.step()
+        for key in ("P", "lam", "Q"):
+            getattr(model["layer0"], key).grad.zero_()
+        allocator.step(step)
+        optimizer.zero_grad(set_to_none=False)
+    assert (allocator.tracker.smoothed["layer0.lam"] == 0).all() and allocator.tracker.smoothed["layer2.lam"].any()
+    for step in range(30, 40):  # from T - t_final on nothing is scored, so the gradients are not read
+        allocator.step(step)
+    assert allocator.finalized and sum(allocator.ranks.values()) == 6
+
+
 def test_steps_must_move_forward_once_per_optimizer_step():
     model, x, targets = make_task()
     allocator = RankAllocator(model, config())

@@ -2,6 +2,8 @@
 edge cases and the errors a learner can hit."""
 
 import copy
+import dataclasses
+import re
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -193,3 +195,43 @@ def test_dequantize_errors_say_what_was_wrong():
         dequantize_nf4(packed)
     with pytest.raises(TypeError, match=r"float32, bfloat16 or float16, not torch\.int32"):
         dequantize_nf4(quantize_nf4(torch.randn(8)), torch.int32)
+
+
+def tampered(q, **changes):
+    return dataclasses.replace(q, **changes)  # NF4Tensor is frozen: this is how its parts get swapped
+
+
+def test_parts_that_do_not_fit_together_are_refused_before_dequantizing():
+    """Each of these used to dequantize to a tensor of the right shape and wrong values, without a word."""
+    w = torch.randn(10, 64, generator=torch.Generator().manual_seed(5))
+    q, dq = quantize_nf4(w), quantize_nf4(w, double_quant=True)
+    other = quantize_nf4(torch.randn(20, 64), double_quant=True)
+    cases = [  # (tampered tensor, part, entries found, entries expected, shape, blocksize)
+        (tampered(q, packed=q.packed[:-32]), "packed", 288, 320, 10, 64),
+        (tampered(q, packed=q.packed[:-1]), "packed", 319, 320, 10, 64),
+        (tampered(q, shape=torch.Size([5, 64])), "packed", 320, 160, 5, 64),
+        (tampered(q, blocksize=128), "absmax32", 10, 5, 10, 128),
+        (tampered(q, absmax32=torch.cat([q.absmax32, q.absmax32])), "absmax32", 20, 10, 10, 64),
+        (tampered(q, absmax32=q.absmax32[:-1]), "absmax32", 9, 10, 10, 64),
+        (tampered(dq, absmax8=other.absmax8), "absmax8.quantized.codes", 20, 10, 10, 64),
+        (tampered(dq, blocksize=128), "absmax8.quantized.codes", 10, 5, 10, 128),
+    ]
+    for bad, part, found, expected, rows, blocksize in cases:
+        match = (rf"^NF4Tensor\.{re.escape(part)} has {found} entries, expected {expected} for shape \({rows}, 64\) "
+                 rf"and blocksize {blocksize}: its parts do not fit together; quantize the tensor again with "
+                 r"quantize_nf4$")
+        with pytest.raises(ValueError, match=match):
+            dequantize_nf4(bad)
+    with pytest.raises(ValueError, match=r"^NF4Tensor\.blocksize is 48, expected one of 32, 64, .*, 4096: quantize"):
+        dequantize_nf4(tampered(q, blocksize=48))
+
+
+def test_parts_that_fit_still_dequantize():
+    w = torch.randn(10, 64, generator=torch.Generator().manual_seed(5))
+    for q in (quantize_nf4(w), quantize_nf4(w, double_quant=True)):  # a reshape keeps every part's size
+        assert torch.equal(dequantize_nf4(tampered(q, shape=torch.Size([640]))), dequantize_nf4(q).view(-1))
+    for n in (1, 2, 63, 65, 4097):  # odd counts (a padding nibble) and partial blocks, with every block size
+        for blocksize in BLOCKSIZES:
+            w = torch.randn(n)
+            assert_identical_to_bnb(w, blocksize)
+            assert (dequantize_nf4(quantize_nf4(w, blocksize, double_quant=True)) - w).abs().max() <= w.abs().max()
