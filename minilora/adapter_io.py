@@ -1,13 +1,22 @@
-"""Saving, loading and exporting finished AdaLoRA adapters (Zhang et al., ICLR 2023, arXiv 2303.10512).
+"""Saving, loading and exporting finished adapters: AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512) and LoRA
+(Hu et al. 2021, arXiv 2106.09685).
 
 A finished AdaLoRA adapter only needs the triplets its rank pattern kept: the kept columns of P, entries of λ and
-rows of Q; a layer may keep none. Two formats:
+rows of Q; a layer may keep none. Three formats:
 
 - minilora's: ``minilora_adapter.safetensors`` (tensors ``<module>.P``, ``<module>.lam``, ``<module>.Q`` in pruned
-  shapes) and ``minilora_adapter.json`` (the AdaLoRAConfig, the rank pattern, each layer's scaling).
-  ``load_adapter`` puts it back on a fresh base model.
+  shapes) and ``minilora_adapter.json`` (the AdaLoRAConfig, the rank pattern, each layer's scaling, the base model).
+  ``load_adapter`` puts it back on a fresh base model; each loaded layer keeps only the saved triplets and records
+  which of its initial ones they are in ``.rank_mask`` (one flag per initial triplet), so it can be saved or
+  exported again.
 - peft's AdaLoRA format: ``adapter_config.json`` + ``adapter_model.safetensors`` (keys
   ``base_model.model.<module>.lora_A / lora_E / lora_B``), loadable with ``PeftModel.from_pretrained(base, dir)``.
+- peft's LoRA format, for plain LoRA runs (``save_lora``): keys ``base_model.model.<module>.lora_A.weight`` and
+  ``.lora_B.weight``.
+
+peft finds the base model by ``base_model_name_or_path`` (``AutoPeftModelForCausalLM.from_pretrained(dir)``), so
+every writer records one: the ``base_model`` argument, else the model's own ``name_or_path`` (transformers sets it
+when it loads a model from a directory or the Hub); a local directory is written as its absolute path.
 """
 
 import json
@@ -18,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilora.adalora import AdaLoRAConfig, attach_svd_adapters
-from minilora.lora import replace_module
+from minilora.lora import LoRALinear, is_linear, matches_target, replace_module
 from minilora.svd_adapter import SVDLinear
 
 FORMAT = "minilora-adalora/1"
@@ -29,8 +38,23 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_RANK_EPSILON = 1e-5  # peft scales by lora_alpha / (init_r + 1e-5)
 
 
+def stored_triplets(name, module):
+    """One flag per initial triplet of an SVDLinear (module.r of them): True where it still stores that triplet.
+
+    A layer that load_adapter shrank says which in .rank_mask; any other layer stores all of them."""
+    flags = list(getattr(module, "rank_mask", None) or [True] * module.r)
+    if len(flags) != module.r or sum(map(bool, flags)) != module.lam.numel():
+        raise ValueError(
+            f"{name} stores {module.lam.numel()} of its {module.r} initial triplets but does not record which (was "
+            "keep_triplets called by hand?): save the adapter before calling keep_triplets, passing the rank pattern"
+        )
+    return torch.as_tensor([bool(flag) for flag in flags], dtype=torch.bool)
+
+
 def kept_triplets(model, rank_pattern=None):
-    """{module name: (SVDLinear, bool mask of kept triplets)} for every adapter; rank_pattern None keeps them all.
+    """{module name: (SVDLinear, keep, flags)} for every adapter. keep selects the stored triplets to write; flags
+    (one per initial triplet, module.r of them) says which initial triplets those are, as the rank pattern peft and
+    load_adapter read. rank_pattern None keeps every stored triplet.
 
     rank_pattern is {module name: list[bool]} as produced by RankAllocator.rank_pattern; it must name exactly the
     model's adapters, one flag per stored triplet.
@@ -54,18 +78,33 @@ def kept_triplets(model, rank_pattern=None):
         keep = torch.as_tensor([bool(flag) for flag in rank_pattern[name]], dtype=torch.bool)
         if keep.numel() != module.lam.numel():
             raise ValueError(
-                f"rank_pattern[{name!r}] has {keep.numel()} flags but the adapter stores {module.lam.numel()} triplets"
+                f"rank_pattern[{name!r}] has {keep.numel()} flags but the adapter stores {module.lam.numel()} "
+                "triplets: give one flag per stored triplet, or rank_pattern=None to keep them all"
             )
-        kept[name] = (module, keep)
+        stored = stored_triplets(name, module)
+        flags = stored.clone()
+        flags[stored] = keep  # the initial triplets still kept: stored ones that keep keeps
+        kept[name] = (module, keep, flags)
     return kept
 
 
-def save_adapter(model, directory, config, rank_pattern=None):
-    """Write the kept triplets of every adapter and the config to directory (created if needed); return its Path."""
+def base_model_reference(model, base_model):
+    """What to record as the base model: base_model, else the model's name_or_path, else None; a local directory
+    becomes its absolute path, so the record still holds when read from another working directory."""
+    reference = base_model if base_model is not None else getattr(model, "name_or_path", None) or None
+    if reference is None:
+        return None
+    return str(Path(reference).resolve()) if Path(reference).is_dir() else str(reference)
+
+
+def save_adapter(model, directory, config, rank_pattern=None, base_model=None):
+    """Write the kept triplets of every adapter and the config to directory (created if needed); return its Path.
+
+    base_model (a Hub name or a local directory) is recorded as "base_model" for a later export_peft."""
     directory = Path(directory)
     kept = kept_triplets(model, rank_pattern)
     tensors, scaling = {}, {}
-    for name, (module, keep) in kept.items():
+    for name, (module, keep, _) in kept.items():
         keep = keep.to(module.lam.device)
         with torch.no_grad():
             tensors[f"{name}.P"] = module.P[:, keep].float().cpu().contiguous()
@@ -75,8 +114,9 @@ def save_adapter(model, directory, config, rank_pattern=None):
     meta = {
         "format": FORMAT,
         "config": asdict(config),
-        "rank_pattern": {name: keep.tolist() for name, (_, keep) in kept.items()},
+        "rank_pattern": {name: flags.tolist() for name, (_, _, flags) in kept.items()},
         "scaling": scaling,
+        "base_model": base_model_reference(model, base_model),
     }
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / WEIGHTS_FILE)
@@ -85,13 +125,15 @@ def save_adapter(model, directory, config, rank_pattern=None):
 
 
 def read_adapter_meta(directory):
-    """The JSON saved next to the tensors: {"format", "config", "rank_pattern", "scaling"}."""
+    """The JSON saved next to the tensors: {"format", "config", "rank_pattern", "scaling", "base_model"}
+    ("base_model" is None for adapters saved before it was recorded)."""
     path = Path(directory) / META_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is {directory} a directory written by save_adapter?")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}; this version of minilora reads {FORMAT!r}")
+    meta.setdefault("base_model", None)
     return meta
 
 
@@ -100,9 +142,10 @@ def load_adapter(model, directory):
 
     The base model must be the one the adapter was trained on. Adapters are attached exactly as add_adalora did
     (for init="svd" this recomputes the same residual base weights), then shrunk to the saved triplets and filled
-    with the saved values, so the outputs equal those of the saved model. Every file and shape is checked before
-    any value is filled in; when one does not fit, the adapters are taken off again and the error says why, so the
-    model is as it was (for init="svd", up to float rounding of its restored weights) and a retry can follow.
+    with the saved values, so the outputs equal those of the saved model; each layer records its saved flags in
+    .rank_mask, so save_adapter and export_peft work on it again. Every file and shape is checked before any value
+    is filled in; when one does not fit, the adapters are taken off again and the error says why, so the model is
+    as it was (for init="svd", up to float rounding of its restored weights) and a retry can follow.
     """
     meta = read_adapter_meta(directory)
     config = AdaLoRAConfig(**meta["config"])
@@ -127,6 +170,7 @@ def load_adapter(model, directory):
     for name, flags in meta["rank_pattern"].items():
         module = model.get_submodule(name)
         module.keep_triplets(flags)
+        module.rank_mask = [bool(flag) for flag in flags]
         with torch.no_grad():
             for key in ("P", "lam", "Q"):
                 getattr(module, key).copy_(tensors[f"{name}.{key}"])
@@ -153,24 +197,26 @@ def check_saved_shapes(model, names, rank_pattern, tensors):
                                  "onto the base model it was trained on")
 
 
-def export_peft(model, directory, config, rank_pattern=None, task_type=None):
+def export_peft(model, directory, config, rank_pattern=None, task_type="CAUSAL_LM", base_model=None):
     """Write the adapter in peft 0.21's AdaLoRA format, so that PeftModel.from_pretrained(base, directory) gives
     the same outputs; return the directory's Path.
 
-    peft scales by lora_alpha / (init_r + 1e-5) for every layer; λ is rescaled so that each layer's
-    λ·scaling is unchanged. task_type (e.g. "CAUSAL_LM") chooses peft's model class when loading. When loading,
-    peft 0.21 warns that the rank_pattern keys "did not match any targeted module"; it says the same for adapters
-    it saved itself, and still shrinks the layers by that pattern.
+    Works on a model just trained (pass the allocator's rank_pattern) and on one that load_adapter filled (the
+    pattern is the one it loaded; pass read_adapter_meta(dir)["base_model"] as base_model if the base has no
+    name_or_path of its own). peft scales by lora_alpha / (init_r + 1e-5) for every layer; λ is rescaled so that
+    each layer's λ·scaling is unchanged. task_type chooses peft's model class when loading ("CAUSAL_LM" for the
+    causal language models minilora tunes; None for a model without generate). When loading, peft 0.21 warns that
+    the rank_pattern keys "did not match any targeted module"; it says the same for adapters it saved itself, and
+    still shrinks the layers by that pattern.
     """
     if config.init == "svd":
         raise ValueError(
             "init='svd' changed the base weights (they keep W minus the top singular triplets), which peft's "
             "AdaLoRA format cannot express: merge the adapter and save the whole model instead"
         )
-    directory = Path(directory)
     kept = kept_triplets(model, rank_pattern)
     tensors = {}
-    for name, (module, keep) in kept.items():
+    for name, (module, keep, _) in kept.items():
         keep = keep.to(module.lam.device)
         # peft multiplies by lora_alpha / (ranknum + 1e-5), with ranknum = the initial rank of the layer
         to_peft = module.scaling * (module.r + PEFT_RANK_EPSILON) / config.lora_alpha
@@ -179,11 +225,10 @@ def export_peft(model, directory, config, rank_pattern=None, task_type=None):
             tensors[f"{prefix}.lora_A"] = module.Q[keep].float().cpu().contiguous()
             tensors[f"{prefix}.lora_E"] = (module.lam[keep] * to_peft)[:, None].float().cpu().contiguous()
             tensors[f"{prefix}.lora_B"] = module.P[:, keep].float().cpu().contiguous()
-    peft_config = {
+    return write_peft(directory, tensors, {
         "peft_type": "ADALORA",
         "task_type": task_type,
-        "base_model_name_or_path": None,
-        "inference_mode": True,
+        "base_model_name_or_path": base_model_reference(model, base_model),
         "target_modules": list(config.target_modules),
         "init_r": config.init_r,
         "target_r": config.target_r,
@@ -196,11 +241,58 @@ def export_peft(model, directory, config, rank_pattern=None, task_type=None):
         "total_step": config.total_steps,
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "rank_pattern": {f"{name}.lora_E": keep.tolist() for name, (_, keep) in kept.items()},
-    }
+        "rank_pattern": {f"{name}.lora_E": flags.tolist() for name, (_, _, flags) in kept.items()},
+    })
+
+
+def save_lora(model, directory, target_modules, r, lora_alpha, base_model=None, task_type="CAUSAL_LM"):
+    """Write the LoRALinear adapters of a plain LoRA run (add_lora) in peft's LoRA format, so that
+    PeftModel.from_pretrained(base, directory) gives the same outputs; return the directory's Path.
+
+    target_modules, r and lora_alpha are those given to add_lora; they are checked against the adapters, since
+    peft rebuilds the layers from them (scaling lora_alpha / r, as LoRALinear's).
+    """
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    adapters = {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+    if not adapters:
+        raise ValueError(f"{type(model).__name__} has no LoRALinear adapters to save: call add_lora first")
+    for name, module in adapters.items():
+        if not matches_target(name, targets):
+            raise ValueError(f"{name} has an adapter but target_modules={targets} does not name it: pass the "
+                             "target_modules given to add_lora")
+        if module.r != r or module.scaling != lora_alpha / r:
+            raise ValueError(f"{name} has r={module.r} and scaling {module.scaling:.6g}, but r={r}, "
+                             f"lora_alpha={lora_alpha} give scaling {lora_alpha / r:.6g}: pass the r and lora_alpha "
+                             "given to add_lora")
+    bare = [name for name, module in model.named_modules() if is_linear(module) and matches_target(name, targets)]
+    if bare:
+        raise ValueError(f"target_modules={targets} also names {bare[:3]}, which have no adapter (peft would add "
+                         "untrained ones): pass the target_modules given to add_lora")
+    tensors = {}
+    with torch.no_grad():
+        for name, module in adapters.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.A.float().cpu().contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.B.float().cpu().contiguous()
+    dropout = next(iter(adapters.values())).dropout
+    return write_peft(directory, tensors, {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_reference(model, base_model),
+        "target_modules": targets,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": getattr(dropout, "p", 0.0),
+        "use_rslora": False,
+        "use_dora": False,
+    })
+
+
+def write_peft(directory, tensors, peft_config):
+    """Write peft's two adapter files into directory (created if needed), with the settings every minilora export
+    shares (inference mode, no bias, weights stored as [out, in], no extra trained modules); return its Path."""
+    directory = Path(directory)
+    peft_config = peft_config | {"inference_mode": True, "bias": "none", "fan_in_fan_out": False,
+                                 "init_lora_weights": True, "modules_to_save": None}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / PEFT_WEIGHTS_FILE)
     (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")

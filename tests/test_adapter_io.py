@@ -1,16 +1,20 @@
-"""Saving, loading and exporting pruned AdaLoRA adapters; peft's PeftModel.from_pretrained is the export oracle."""
+"""Saving, loading and exporting pruned AdaLoRA adapters and plain LoRA ones; peft's PeftModel.from_pretrained is the
+export oracle. Outputs are compared within 1e-5: float32 logits of size ~1 from differently ordered sums of a few
+dozen products (about 1e-7 apart here), so the margin only catches a wrong triplet or a wrong scale."""
 
 import json
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from minilora import AdaLoRAConfig, add_adalora
 from minilora.adalora import attach_svd_adapters
-from minilora.adapter_io import export_peft, load_adapter, read_adapter_meta, save_adapter
+from minilora.adapter_io import export_peft, load_adapter, read_adapter_meta, save_adapter, save_lora
+from minilora.lora import add_lora
 from minilora.orthogonal import orthogonal_penalty
 from minilora.svd_adapter import SVDLinear
 
@@ -181,3 +185,87 @@ def test_a_failed_load_leaves_the_model_as_it_was_and_a_retry_works(tmp_path):
         assert not any(isinstance(m, SVDLinear) for m in untouched.modules())
         assert torch.equal(logits(untouched), reference)
     assert torch.allclose(logits(load_adapter(base, tmp_path / "good")), logits(model), atol=1e-6)
+
+
+def test_a_loaded_adapter_exports_to_peft_and_saves_again(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    expected = logits(model)
+    save_adapter(model, tmp_path / "saved", CONFIG, rank_pattern)
+    loaded = load_adapter(tiny_llama(), tmp_path / "saved")
+    export_peft(loaded, tmp_path / "peft", CONFIG)
+    written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert written["rank_pattern"] == {f"{name}.lora_E": flags for name, flags in rank_pattern.items()}
+    with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match"):
+        reference = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft")
+    torch.testing.assert_close(logits(reference), expected, atol=1e-5, rtol=1e-5)
+    save_adapter(loaded, tmp_path / "again", CONFIG)  # the loaded flags, not "all of the stored ones"
+    assert read_adapter_meta(tmp_path / "again")["rank_pattern"] == rank_pattern
+    torch.testing.assert_close(logits(load_adapter(tiny_llama(), tmp_path / "again")), expected, atol=1e-5, rtol=1e-5)
+    fewer = {name: [True] * sum(flags) for name, flags in rank_pattern.items()}  # prune the loaded layers further
+    fewer["model.layers.0.self_attn.q_proj"][0] = False
+    save_adapter(loaded, tmp_path / "fewer", CONFIG, fewer)
+    first_kept = rank_pattern["model.layers.0.self_attn.q_proj"].index(True)
+    assert read_adapter_meta(tmp_path / "fewer")["rank_pattern"]["model.layers.0.self_attn.q_proj"] == [
+        flag and i != first_kept for i, flag in enumerate(rank_pattern["model.layers.0.self_attn.q_proj"])]
+
+
+def test_the_base_model_is_recorded_so_auto_peft_finds_it(tmp_path, monkeypatch):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model, rank_pattern = trained_looking(CONFIG)
+    save_adapter(model, tmp_path / "saved", CONFIG, rank_pattern, base_model=tmp_path / "base")
+    recorded = read_adapter_meta(tmp_path / "saved")["base_model"]
+    assert recorded == str((tmp_path / "base").resolve())
+    export_peft(model, tmp_path / "peft", CONFIG, rank_pattern, base_model=recorded)
+    with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match"):
+        reference = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")
+    torch.testing.assert_close(logits(reference), logits(model), atol=1e-5, rtol=1e-5)
+    monkeypatch.chdir(tmp_path)  # a base loaded from a relative directory names itself, as an absolute path
+    loaded = load_adapter(LlamaForCausalLM.from_pretrained("base"), tmp_path / "saved")
+    export_peft(loaded, tmp_path / "from_loaded", CONFIG)
+    written = json.loads((tmp_path / "from_loaded" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == recorded and written["task_type"] == "CAUSAL_LM"
+    save_adapter(model, tmp_path / "hub", CONFIG, rank_pattern, base_model="meta-llama/Llama-2-7b-hf")
+    assert read_adapter_meta(tmp_path / "hub")["base_model"] == "meta-llama/Llama-2-7b-hf"
+    save_adapter(model, tmp_path / "unnamed", CONFIG, rank_pattern)
+    assert read_adapter_meta(tmp_path / "unnamed")["base_model"] is None
+
+
+def test_a_lora_run_saves_in_peft_format_with_the_same_outputs(tmp_path):
+    model = add_lora(tiny_llama(), ["q_proj", "v_proj", "up_proj"], r=3, lora_alpha=6, lora_dropout=0.1).eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    expected = logits(model)
+    assert not torch.allclose(expected, logits(tiny_llama()), atol=1e-3)  # the adapters do change the outputs
+    save_lora(model, tmp_path, ["q_proj", "v_proj", "up_proj"], r=3, lora_alpha=6, base_model="some/base")
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["r"] == 3 and written["lora_alpha"] == 6
+    assert written["lora_dropout"] == 0.1 and written["base_model_name_or_path"] == "some/base"
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert keys["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"].shape == (64, 3)
+    reference = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(logits(reference), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_export_and_lora_requests(tmp_path):
+    model, rank_pattern = trained_looking(CONFIG)
+    save_adapter(model, tmp_path / "saved", CONFIG, rank_pattern)
+    loaded = load_adapter(tiny_llama(), tmp_path / "saved")
+    with pytest.raises(ValueError, match=r"has 4 flags but the adapter stores [0-3] triplets: .* rank_pattern=None"):
+        export_peft(loaded, tmp_path / "peft", CONFIG, rank_pattern)  # the loaded layers hold the kept ones only
+    model.get_submodule("model.layers.0.self_attn.q_proj").keep_triplets([True, False, True, False])
+    with pytest.raises(ValueError, match=r"q_proj stores 2 of its 4 initial triplets but does not record which"):
+        export_peft(model, tmp_path / "peft", CONFIG)
+    assert not (tmp_path / "peft").exists()
+    lora = add_lora(tiny_llama(), ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no LoRALinear adapters to save: call add_lora first"):
+        save_lora(model, tmp_path / "lora", ["q_proj"], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"v_proj has an adapter but target_modules=\['q_proj'\] does not name it"):
+        save_lora(lora, tmp_path / "lora", "q_proj", r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"also names \['model.layers.0.mlp.up_proj'"):
+        save_lora(lora, tmp_path / "lora", ["q_proj", "v_proj", "up_proj"], r=2, lora_alpha=4)
+    with pytest.raises(ValueError, match=r"has r=2 and scaling 2, but r=2, lora_alpha=8 give scaling 4"):
+        save_lora(lora, tmp_path / "lora", ["q_proj", "v_proj"], r=2, lora_alpha=8)
+    assert not (tmp_path / "lora").exists()
