@@ -15,7 +15,6 @@ Taught in notebooks/08_qlora_linear.ipynb.
 import dataclasses
 import itertools
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from minilora.architectures import KNOWN, resolve_config
+from minilora.architectures import HUB_ID, KNOWN, download, resolve_config
 from minilora.lora import find_linear_targets, replace_module
 from minilora.memory import LLAMA_PROJECTIONS
 from minilora.nf4 import dequantize_nf4, quantize_nf4
@@ -226,20 +225,6 @@ def set_tensor(model, key, tensor):
     else:
         raise ValueError(f"the checkpoint has a tensor '{key}' that this {type(model).__name__} does not have: is "
                          "the checkpoint from another architecture than its config.json says?")
-
-
-def download(model_id):
-    """Fetch a hub model's config and safetensors shards (needs internet); return the local directory."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except Exception as error:
-        raise ValueError(f"cannot download {model_id!r} from the hub ({type(error).__name__}). Offline? Pass a "
-                         f"local checkpoint directory or a known architecture ({sorted(KNOWN)})") from error
-
-
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def open_source(model):

@@ -1,9 +1,11 @@
 """minilora.data and the bundled data/: the generator reproduces the committed files, the loaders, tokenization
 with the prompt masked, padding, the bundled tiny Llama, and that it cannot do the tasks before fine-tuning."""
 
+import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,10 +21,12 @@ from minilora.data import (
     INSTRUCTIONS_DIR,
     collate,
     exact_match,
+    fit_to_length,
     format_prompt,
     generate_responses,
     load_base_model,
     load_instructions,
+    load_tokenizer,
     tokenize_record,
     with_held_out,
 )
@@ -129,7 +133,7 @@ def test_a_train_only_source_gets_seeded_disjoint_held_out_splits(tmp_path):
 def test_bad_sources_and_splits_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file or directory: .*nothing.jsonl"):
         load_instructions(tmp_path / "nothing.jsonl")
-    with pytest.raises(FileNotFoundError, match="must hold train.jsonl, and may hold validation.jsonl and test.jsonl"):
+    with pytest.raises(FileNotFoundError, match="must hold a train file \\(.jsonl, .json or .csv\\) and may hold"):
         load_instructions(tmp_path)
     with pytest.raises(ValueError, match="split 'dev' is not in .* its splits are \\['train', 'validation', 'test'\\]"):
         load_instructions(split="dev")
@@ -168,7 +172,22 @@ def test_labels_cover_only_the_response_and_eos(base, committed):
         assert row["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
         assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
         assert tokenizer.decode(row["labels"][n_prompt:-1]) == record["output"]
-    assert len(tokenize_record(committed["test"][0], tokenizer, max_length=5)["labels"]) == 5
+    with pytest.raises(ValueError, match="max_length=5 but the record has .* tokens .*raise max_length, or leave"):
+        tokenize_record(committed["test"][0], tokenizer, max_length=5)  # cutting would drop the answer's end
+
+
+def test_records_longer_than_max_length_are_left_out_and_counted_never_cut(base, committed):
+    _, tokenizer = base
+    records = load_instructions(split="test").select(range(40))
+    lengths = [len(tokenize_record(r, tokenizer)["input_ids"]) for r in records]
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept, features, left_out, longest = fit_to_length(records, tokenizer, limit)
+    assert left_out == sum(n > limit for n in lengths) > 0 and longest == max(lengths)
+    assert len(kept) == len(features) == 40 - left_out
+    assert all(f["input_ids"][-1] == tokenizer.eos_token_id and len(f["input_ids"]) <= limit for f in features)
+    assert list(kept["output"]) == [r["output"] for r, n in zip(records, lengths, strict=True) if n <= limit]
+    with pytest.raises(ValueError, match=f"every one of the 40 records is longer \\(the shortest has {min(lengths)}"):
+        fit_to_length(records, tokenizer, min(lengths) - 1)
 
 
 def test_collate_pads_right_for_training_and_left_for_generation(base, committed):
@@ -224,14 +243,23 @@ def test_the_base_model_cannot_follow_instructions_yet(base):
 
 GOOD = '{"instruction": "Say hi.", "output": "hi"}'
 BAD_FILES = [
-    ("empty.jsonl", "\n\n", r"empty.jsonl holds no records: write one per line"),
+    ("empty.jsonl", "\n\n", r"empty.jsonl holds no records; a record looks like"),
+    ("empty.csv", "instruction,output\n", r"empty.csv holds no records"),
     ("cut.jsonl", GOOD + "\n" + '{"instruction": "Say yo.", "output": "y' + "\n", r"cut.jsonl, line 2: not valid JSON"),
-    ("fields.jsonl", GOOD + "\n\n" + '{"prompt": "Say hi.", "output": "hi"}\n',
-     r"fields.jsonl, line 3: the record lacks \['instruction'\] \(its fields: \['output', 'prompt'\]\)"),
+    ("fields.jsonl", GOOD + "\n\n" + '{"question": "Say hi.", "output": "hi"}\n',
+     r"fields.jsonl, line 3: the record lacks \['instruction'\] \(its fields: \['output', 'question'\]\); rename"),
+    ("half.jsonl", '{"prompt": "Say hi.", "output": "hi"}\n', r"half.jsonl, line 1: the record lacks \['completion'\]"),
+    ("mixed.jsonl", GOOD + "\n" + '{"prompt": "2 + 3 =", "completion": " 5"}\n',
+     r"mixed.jsonl, line 2 is a prompt/completion record but .*mixed.jsonl, line 1 is an instruction record: use one"),
+    ("chat.jsonl", '{"messages": [{"role": "user", "content": "Hi"}]}\n',
+     r"chat.jsonl, line 1: a chat record ends with the answer to learn, a message with role 'assistant'"),
+    ("role.jsonl", '{"messages": [{"role": "user", "text": "Hi"}, {"role": "assistant", "content": "Yo"}]}\n',
+     r"role.jsonl, line 1: message 0 must be an object with string 'role' and 'content'"),
+    ("table.csv", "instruction,answer\nSay hi.,hi\n", r"table.csv, line 2: the record lacks \['output'\]"),
+    ("table.tsv", "instruction\toutput\nSay hi.\thi\n", r"table.tsv: data must be a .jsonl file"),
     ("number.jsonl", '{"instruction": "Count.", "output": 5}\n',
      r"number.jsonl, line 1: 'output' must be a string, found 5"),
     ("list.jsonl", "[1, 2]\n", r"list.jsonl, line 1: a record must be a JSON object"),
-    ("table.csv", "instruction,output\nSay hi.,hi\n", r"table.csv: instruction data must be a .jsonl file"),
     ("one.json", GOOD, r"one.json: a .json file must hold a list of records, found a dict"),
     ("many.json", "[" + GOOD + ", 3]", r"many.json, record 1: a record must be a JSON object"),
 ]
@@ -251,6 +279,71 @@ def test_a_json_list_loads_and_a_directory_with_unknown_split_files_is_refused(t
     folder = tmp_path / "splits"
     folder.mkdir()
     (folder / "train.jsonl").write_text(GOOD + "\n")
-    (folder / "valid.jsonl").write_text(GOOD + "\n")
-    with pytest.raises(FileNotFoundError, match="rename valid.jsonl"):
+    (folder / "valid.csv").write_text("instruction,output\nSay yo.,yo\n")
+    assert {name: list(part["output"]) for name, part in load_instructions(folder).items()} == {
+        "train": ["hi"], "validation": ["yo"]}
+    (folder / "eval.jsonl").write_text(GOOD + "\n")
+    with pytest.raises(ValueError, match="holds two validation files, eval.jsonl and valid.csv: keep one"):
         load_instructions(folder)
+    (folder / "eval.jsonl").rename(folder / "notes.jsonl")
+    with pytest.raises(FileNotFoundError, match="rename notes.jsonl"):
+        load_instructions(folder)
+
+
+def test_prompt_completion_and_chat_records_are_read_and_formatted(tmp_path, base):
+    _, tokenizer = base
+    path = tmp_path / "pc.jsonl"
+    path.write_text('{"prompt": "2 + 3 =", "completion": " 5", "source": "ignored"}\n')
+    record = load_instructions(path, split="train")[0]
+    assert record == {"prompt": "2 + 3 =", "output": " 5"} and format_prompt(record) == ("2 + 3 =", "2 + 3 = 5")
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps([{"messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "Reverse kamo."},
+                                              {"role": "assistant", "content": "omak"}]}]))
+    record = load_instructions(path, split="train")[0]
+    assert record["output"] == "omak" and [m["role"] for m in record["messages"]] == ["system", "user"]
+    assert format_prompt(record)[0] == "### System:\nBe brief.\n### User:\nReverse kamo.\n### Assistant:\n"
+    chat = copy.deepcopy(tokenizer)  # a tokenizer with a chat template renders the conversation its own way
+    chat.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt, full = format_prompt(record, chat)
+    assert prompt == "<system>Be brief.<user>Reverse kamo.<assistant>" and full == prompt + "omak"
+    row = tokenize_record(record, chat)
+    assert row["input_ids"].count(tokenizer.bos_token_id) == 1, "the template's bos text is not doubled"
+    assert tokenizer.decode(row["input_ids"][-1 - len(tokenizer("omak", add_special_tokens=False)["input_ids"]):-1]) \
+        == "omak" and row["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_a_tokenizer_without_padding_pads_with_eos_and_a_model_without_tokenizer_is_named(tmp_path):
+    llama2_like = tmp_path / "llama2-like"
+    shutil.copytree(BASE_MODEL_DIR, llama2_like)
+    settings = json.loads((llama2_like / "tokenizer_config.json").read_text())
+    del settings["pad_token"]
+    (llama2_like / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert transformers.AutoTokenizer.from_pretrained(llama2_like).pad_token is None, "Llama-2's tokenizer has none"
+    tokenizer = load_tokenizer(llama2_like)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1] * 3}, {"input_ids": [5], "attention_mask": [1]}]
+    assert collate(rows, tokenizer.pad_token_id)["input_ids"][1].tolist() == [5] + [tokenizer.eos_token_id] * 2
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (llama2_like / name).unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer in .*llama2-like \\(none of tokenizer.json, .*save one"):
+        load_tokenizer(llama2_like)
+
+
+def test_a_hub_data_set_is_downloaded_then_checked_like_a_local_one(tmp_path, monkeypatch):
+    hub_copy = tmp_path / "hub"
+    hub_copy.mkdir()
+    (hub_copy / "train.jsonl").write_text('{"prompt": "2 + 3 =", "completion": " 5"}\n{"prompt": "1 + 1 ="}\n')
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id, repo_type, allow_patterns: hub_copy)
+    with pytest.raises(ValueError, match="someone/sums, split train, record 1: the record lacks \\['completion'\\]"):
+        load_instructions("someone/sums")
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
+    with pytest.raises(ValueError, match="cannot download 'someone/sums' from the hub \\(ConnectionError\\). Offline"):
+        load_instructions("someone/sums")
+    with pytest.raises(FileNotFoundError, match="data='sums': not a file or directory here, and not a hub data set"):
+        load_instructions("sums")
