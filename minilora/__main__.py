@@ -4,9 +4,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from minilora.memory import LLAMA_PROJECTIONS
+from minilora.tune import RunConfig, TrainSettings
 
 REPO = Path(__file__).resolve().parent.parent
+RUN, TRAIN = RunConfig(), TrainSettings()
 
 
 def cmd_env(args):
@@ -47,30 +48,58 @@ def cmd_student(args):
     return 0
 
 
-def cmd_plan(args):
-    from minilora.architectures import resolve_config
-    from minilora.memory import RunSettings, plan_memory
+def run_config(args):
+    """The RunConfig of `tune` or `plan` options: the same names, the same defaults."""
+    from dataclasses import fields
 
-    settings = RunSettings(batch_size=args.batch_size, seq_len=args.seq_len, init_r=args.init_r,
-                           target_modules=tuple(args.target_modules), double_quant=not args.no_double_quant,
-                           compute_bytes=2 if args.compute_dtype == "bfloat16" else 4,
-                           gradient_checkpointing=not args.no_gradient_checkpointing,
-                           optimizer_resident_bytes=args.resident_mib * 2**20 if args.resident_mib else None)
-    print(f"memory plan: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, init_r {args.init_r}")
-    print(plan_memory(resolve_config(args.model), settings))
+    from minilora.tune import RunConfig, TrainSettings
+
+    given = {**vars(args), "target_modules": tuple(args.target_modules)}
+    train_keys, run_keys = ({f.name for f in fields(cls)} - {"train"} for cls in (TrainSettings, RunConfig))
+    train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys},
+                          resident_bytes=args.resident_mib * 2**20 if args.resident_mib else None)
+    return RunConfig(**{k: v for k, v in given.items() if k in run_keys}, train=train)
+
+
+def print_plan(config):
+    from minilora.architectures import resolve_config
+    from minilora.memory import plan_memory
+
+    if not config.quantize:
+        print("no memory plan: it counts NF4-quantized target layers, and this run keeps them unquantized")
+        return
+    plan, train = plan_memory(resolve_config(config.model), config.memory_settings()), config.train
+    print(f"memory plan: {config.model}, batch {train.batch_size} x {config.max_length} tokens, {config.method} rank "
+          f"{config.init_r if config.method == 'adalora' else config.target_r}, {config.device}")
+    print(plan)
+
+
+def cmd_plan(args):
+    config = run_config(args)
+    config.check(here=False)
+    print_plan(config)
     return 0
 
 
 def cmd_tune(args):
-    from dataclasses import fields
+    from dataclasses import asdict
 
-    from minilora.tune import RunConfig, TrainSettings, run
+    from minilora.data import BASE_MODEL_DIR, load_tokenizer
+    from minilora.tune import model_directory, prepared_splits, run
 
-    given = {key: value for key, value in vars(args).items() if key not in ("command", "no_progress", "debug")}
-    train_keys = {f.name for f in fields(TrainSettings)}
-    train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys})
-    config = RunConfig(**{k: v for k, v in given.items() if k not in train_keys}, train=train)
+    config = run_config(args)
     config.check()
+    if args.dry_run:
+        tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
+        splits, _ = prepared_splits(config, tokenizer)
+        print("records: " + ", ".join(f"{len(records):,} {name}" for name, (records, _) in splits.items()))
+        settings = asdict(config)
+        settings.update(settings.pop("train"))
+        for key, value in settings.items():
+            print(f"{key:<24}{value}")
+        print_plan(config)
+        return 0
+    train = config.train
     ranks = f"AdaLoRA rank {config.init_r} -> {config.target_r}" if config.method == "adalora" else \
         f"LoRA rank {config.target_r}"
     print(f"tuning {config.model} on {config.data or 'the bundled instruction set'} ({config.device}): {train.steps} "
@@ -81,7 +110,8 @@ def cmd_tune(args):
         result = summary[when]
         print(f"{when:<8}{result['eval_loss']:>14.3f}{result['exact_match']:>13.1%}")
     budget = f"final budget {summary['final_budget']} triplets, " if "final_budget" in summary else ""
-    print(f"{budget}{summary['trainable_parameters']:,} trainable parameters; adapter and log in {config.output_dir}")
+    print(f"{budget}{summary['trainable_parameters']:,} trainable parameters; adapter, settings (run.json) and log in "
+          f"{config.output_dir}")
     return 0
 
 
@@ -90,16 +120,10 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("env", help="versions, threads, GPU and bf16 speed, with a verdict per requirement")
     add_tune_parser(sub)
-    plan = sub.add_parser("plan", help="bytes by component of a QLoRA+AdaLoRA run, from the model's config alone")
-    plan.add_argument("--model", default="llama-2-7b", help="llama-2-7b, llama-2-13b, a checkpoint dir or a hub id")
-    plan.add_argument("--batch-size", type=int, default=1)
-    plan.add_argument("--seq-len", type=int, default=512)
-    plan.add_argument("--init-r", type=int, default=12)
-    plan.add_argument("--target-modules", nargs="+", default=list(LLAMA_PROJECTIONS))
-    plan.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
-    plan.add_argument("--no-double-quant", action="store_true")
-    plan.add_argument("--no-gradient-checkpointing", action="store_true")
-    plan.add_argument("--resident-mib", type=int, default=0, help="PagedAdamW resident budget (0: all resident)")
+    plan = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="bytes by component of the run `tune` would do with the same options, from the model's "
+                               "config alone")
+    add_run_options(plan)
     stu = sub.add_parser("student", help="for instructors: write student editions (solutions removed) of the notebooks")
     stu.add_argument("--out", type=Path, default=REPO / "student")
     grad = sub.add_parser("graduate", help="for maintainers: write the package's taught modules from the notebooks")
@@ -110,35 +134,49 @@ def build_parser():
 
 
 def add_tune_parser(sub):
-    """`tune`'s options, their defaults taken from RunConfig and TrainSettings (one source for the CLI and the API)."""
-    from minilora.tune import RunConfig, TrainSettings
-
-    run, train = RunConfig(), TrainSettings()
     tune = sub.add_parser("tune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                           help="QLoRA+AdaLoRA-tune a model end to end (default: the bundled tiny model and data)")
-    tune.add_argument("--model", default=run.model, help="checkpoint dir, hub id, or llama-2-7b (random weights)")
-    tune.add_argument("--data", default=run.data, help="a .jsonl file or a hub data set id (None: the bundled set)")
-    tune.add_argument("--output-dir", default=run.output_dir, help="where the adapter and the log are written")
-    tune.add_argument("--method", choices=["adalora", "lora"], default=run.method, help="lora: rank target_r")
-    tune.add_argument("--init-r", type=int, default=run.init_r, help="AdaLoRA's initial rank per layer")
-    tune.add_argument("--target-r", type=int, default=run.target_r, help="AdaLoRA's final average rank per layer")
-    tune.add_argument("--max-length", type=int, default=run.max_length, help="tokens per record (prompt + answer)")
-    tune.add_argument("--eval-examples", type=int, default=run.eval_examples,
+    add_run_options(tune)
+    tune.add_argument("--data", default=None, help="a .jsonl, .json or .csv file, a directory of split files, or a "
+                                                   "hub data set id (None: the bundled set)")
+    tune.add_argument("--output-dir", default=RUN.output_dir, help="where the adapter, run.json and the log go")
+    tune.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in OUTPUT_DIR")
+    tune.add_argument("--eval-examples", type=int, default=RUN.eval_examples,
                       help="held-out examples for loss and exact match")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
-    tune.add_argument("--no-quantize", dest="quantize", action="store_false",
-                      help="keep the base in float32 (quantize: %(default)s)")
-    tune.add_argument("--device", default=run.device, help="cuda or cpu")
-    tune.add_argument("--steps", type=int, default=train.steps, help="optimizer steps (AdaLoRA's total_steps)")
-    tune.add_argument("--batch-size", type=int, default=train.batch_size, help="examples per micro-batch")
-    tune.add_argument("--grad-accum", type=int, default=train.grad_accum, help="micro-batches per optimizer step")
-    tune.add_argument("--lr", type=float, default=train.lr, help="learning rate")
-    tune.add_argument("--eval-every", type=int, default=train.eval_every,
+    tune.add_argument("--steps", type=int, default=TRAIN.steps, help="optimizer steps (AdaLoRA's total_steps)")
+    tune.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per optimizer step")
+    tune.add_argument("--lr", type=float, default=TRAIN.lr, help="learning rate (QLoRA used 2e-4 for 7B)")
+    tune.add_argument("--eval-every", type=int, default=TRAIN.eval_every,
                       help="also evaluate on the validation split every N steps (0: never)")
-    tune.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    tune.add_argument("--seed", type=int, default=train.seed, help="seeds the adapters, the data order and the split")
+    tune.add_argument("--seed", type=int, default=TRAIN.seed, help="seeds the adapters, the data order and the split")
+    tune.add_argument("--dry-run", action="store_true",
+                      help="check everything, read the data, print the resolved settings and the memory plan; no "
+                           "model is loaded and nothing is written")
     tune.add_argument("--no-progress", action="store_true", help="no progress bar")
     tune.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
+
+
+def add_run_options(parser):
+    """The options `tune` and `plan` share, their defaults taken from RunConfig and TrainSettings."""
+    parser.add_argument("--model", default=RUN.model,
+                        help="checkpoint dir, hub id owner/name, or llama-2-7b / llama-2-13b (random weights)")
+    parser.add_argument("--method", choices=["adalora", "lora"], default=RUN.method, help="lora: rank target_r")
+    parser.add_argument("--target-modules", nargs="+", default=list(RUN.target_modules),
+                        help="the layer types that get adapters (and NF4 weights)")
+    parser.add_argument("--init-r", type=int, default=RUN.init_r, help="AdaLoRA's initial rank per layer")
+    parser.add_argument("--target-r", type=int, default=RUN.target_r, help="AdaLoRA's final average rank per layer")
+    parser.add_argument("--max-length", type=int, default=RUN.max_length,
+                        help="tokens per record (prompt, answer, end); longer records are left out and counted")
+    parser.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="examples per micro-batch")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--no-quantize", dest="quantize", action="store_false",
+                        help="keep the base in float32 (quantize: %(default)s)")
+    parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                        help="store the NF4 constants in float32 (double_quant: %(default)s)")
+    parser.add_argument("--resident-mib", type=int, default=0,
+                        help="PagedAdamW keeps at most this many MiB of states resident (0: all of them)")
+    parser.add_argument("--device", default=RUN.device, help="cuda or cpu")
 
 
 COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,

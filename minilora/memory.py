@@ -55,6 +55,21 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
+def check_plannable(config, settings):
+    """Refuse what this plan cannot count: another architecture, a layer type a Llama layer lacks, a size below 1."""
+    missing = [key for key in ("intermediate_size", "num_key_value_heads") if not hasattr(config, key)]
+    if missing:
+        raise ValueError(f"the plan counts Llama-architecture models, and this {config.model_type} config has no "
+                         f"{missing[0]}: plan a Llama, Mistral or similar model")
+    unknown = sorted(set(settings.target_modules) - set(LLAMA_PROJECTIONS))
+    if unknown or not settings.target_modules:
+        raise ValueError(f"target_modules={list(settings.target_modules)}: name some of a Llama layer's projections, "
+                         f"{', '.join(LLAMA_PROJECTIONS)}")
+    small = [key for key in ("batch_size", "seq_len", "init_r", "blocksize") if getattr(settings, key) < 1]
+    if small:
+        raise ValueError(f"{small[0]}={getattr(settings, small[0])}: use a positive number")
+
+
 def linear_shapes(config):
     """(name, out_features, in_features) of the seven projections of one Llama decoder layer."""
     hidden, mlp = config.hidden_size, config.intermediate_size
@@ -109,6 +124,7 @@ def optimizer_pages(shapes, settings, layers):
 def plan_memory(config, settings=None):
     """Bytes by component for a QLoRA + AdaLoRA training step of a Llama-architecture `config`."""
     s = settings or RunSettings()
+    check_plannable(config, s)
     layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     shapes = [shape for shape in linear_shapes(config) if shape[0] in s.target_modules]
     kept = [shape for shape in linear_shapes(config) if shape[0] not in s.target_modules]

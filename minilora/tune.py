@@ -14,26 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from minilora.adalora import AdaLoRAConfig, add_adalora
-from minilora.adapter_io import save_adapter
-from minilora.architectures import KNOWN
+from minilora.adapter_io import save_adapter, save_lora
+from minilora.architectures import KNOWN, check_model_spec, download
 from minilora.data import (
     BASE_MODEL_DIR,
     IGNORE_INDEX,
     collate,
     exact_match,
+    fit_to_length,
     load_instructions,
-    looks_like_a_path,
+    load_tokenizer,
     tokenize_record,
     with_held_out,
 )
 from minilora.lora import LoRALinear, add_lora, replace_module
-from minilora.memory import LLAMA_PROJECTIONS
+from minilora.memory import LLAMA_PROJECTIONS, RunSettings
 from minilora.orthogonal import orthogonal_penalty
+from minilora.outputs import RUN_FILE, check_output_dir, staged, write_run_record
 from minilora.paged_optim import PagedAdamW
 from minilora.qlora import dequantize_model, load_quantized
 from minilora.svd_adapter import SVDLinear
@@ -187,11 +188,13 @@ class AdaLoRACallback(TrainerCallback):
 
 @dataclass
 class RunConfig:
-    """One end-to-end tune: which model and data, AdaLoRA's budget, how to train, where to write."""
+    """One end-to-end tune: which model and data, AdaLoRA's budget, how to train, where to write. The command
+    line's `tune` and `plan` take their defaults from here."""
 
     model: str = str(BASE_MODEL_DIR)  # a checkpoint dir, a hub id, or a known architecture (random weights)
-    data: str | None = None  # the bundled instruction set, a .jsonl file, or a hub data set id
+    data: str | None = None  # the bundled instruction set, a .jsonl/.json/.csv file or directory, or a hub data set
     output_dir: str = "runs/tune"
+    overwrite: bool = False  # replace an earlier run's results in output_dir (else refused)
     method: str = "adalora"  # or "lora": one fixed rank, target_r, on every layer (the same final budget)
     target_modules: tuple = LLAMA_PROJECTIONS
     init_r: int = 6
@@ -201,19 +204,18 @@ class RunConfig:
     quantize: bool = True
     double_quant: bool = True
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # compute in bfloat16 on a GPU, float32 on a CPU
-    max_length: int = 96
+    max_length: int = 96  # tokens per record (prompt, answer, end); longer records are left out and counted
     eval_examples: int = 200
     merge: bool = False  # also save the merged model (dequantized base + adapters) to output_dir/merged
     train: TrainSettings = field(default_factory=TrainSettings)
 
-    def check(self):
-        """Refuse a setting that cannot work, naming it, its value and the fix, before the model or data load."""
+    def check(self, here=True):
+        """Refuse a setting that cannot work, naming it, its value and the fix, before the model or data load.
+        here=False skips what only matters to a run on this machine (the device, the output directory), for plans."""
         self.train.check()
-        local = self.model not in KNOWN and looks_like_a_path(self.model)
+        check_model_spec(self.model)
         refuse_bad_settings(self, [
             ("method", self.method in ("adalora", "lora"), "use 'adalora' or 'lora'"),
-            ("model", not local or Path(self.model).expanduser().is_dir(), "no such directory: pass a checkpoint "
-             f"directory, a hub id such as meta-llama/Llama-2-7b-hf, or one of {sorted(KNOWN)} (random weights)"),
             ("target_modules", len(self.target_modules) > 0, "name at least one layer type, e.g. q_proj v_proj"),
             ("target_r", self.target_r >= 1, "use a rank of at least 1"),
             ("init_r", self.method == "lora" or self.init_r >= self.target_r,
@@ -222,12 +224,25 @@ class RunConfig:
             ("orth_reg_weight", self.orth_reg_weight >= 0, "use 0 (no penalty) or a positive weight (0.1 here)"),
             ("max_length", self.max_length >= 8, "records need room for a prompt and an answer: use 8 tokens or more"),
             ("eval_examples", self.eval_examples >= 1, "evaluate on at least 1 held-out example"),
-            ("device", self.device == "cpu" or (self.device.startswith("cuda") and torch.cuda.is_available()),
+            ("device", not here or self.device == "cpu" or (self.device.startswith("cuda")
+                                                             and torch.cuda.is_available()),
              "use cpu: torch sees no CUDA GPU here (python -m minilora env says why)"),
         ])
         if self.method == "adalora" and self.train.steps < 2:
             raise ValueError(f"steps={self.train.steps}: AdaLoRA scores the adapters for at least one step before its "
                              "final mask, so it needs 2 optimizer steps or more (or use --method lora)")
+        if here:
+            check_output_dir(self.output_dir, self.overwrite)
+
+    def memory_settings(self):
+        """The RunSettings of this run, for plan_memory: the memory plan of exactly what `run` will do."""
+        return RunSettings(batch_size=self.train.batch_size, seq_len=self.max_length,
+                           target_modules=tuple(self.target_modules),
+                           init_r=self.init_r if self.method == "adalora" else self.target_r,
+                           double_quant=self.double_quant, compute_bytes=4 if self.device == "cpu" else 2,
+                           gradient_checkpointing=self.train.gradient_checkpointing,
+                           optimizer_resident_bytes=self.train.resident_bytes, page_bytes=self.train.page_bytes,
+                           device="cpu" if self.device == "cpu" else "cuda")
 
 
 def evaluation(tokenizer, records, max_length, batch_size=32):
@@ -254,42 +269,61 @@ def run(config, progress=True):
 
     Before and after: held-out loss and exact match on the first eval_examples records of the test split. During
     training (every config.train.eval_every steps, if set): the same on the validation split, into the log. With
-    config.merge, the returned model is the merged one.
+    config.merge, the returned model is the merged one. Everything is checked before the model loads. The results
+    (adapter/, run.json with the resolved settings, log.json, merged/) appear in output_dir only once all of them
+    are written.
     """
     config.check()
-    splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
-    if len(splits["train"]) < config.train.batch_size:
-        raise ValueError(f"batch_size={config.train.batch_size} but the training split has only "
-                         f"{len(splits['train'])} records (a single data file also gives up to eval_examples="
-                         f"{config.eval_examples} of its records to validation and to test): lower the batch size, "
-                         "or give more data")
+    tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
+    splits, left_out = prepared_splits(config, tokenizer)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model(config)
-    evaluate, validate = (evaluation(tokenizer, first(splits[name], config.eval_examples), config.max_length)
+    evaluate, validate = (evaluation(tokenizer, first(splits[name][0], config.eval_examples), config.max_length)
                           for name in ("test", "validation"))
     before = evaluate(model)
     model, allocator = add_adapters(model, config)
-    train_set = [tokenize_record(r, tokenizer, config.max_length) for r in splits["train"]]
-    batches = endless_batches(train_set, lambda rows: collate(rows, tokenizer.pad_token_id),
+    batches = endless_batches(splits["train"][1], lambda rows: collate(rows, tokenizer.pad_token_id),
                               config.train.batch_size, config.train.seed)
     log = train(model, batches, config.train, allocator, evaluate=validate, progress=progress)
     after = evaluate(model)
-    out = Path(config.output_dir)
-    if allocator is not None:
-        save_adapter(model, out / "adapter", allocator.config, allocator.rank_pattern)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  out / "lora_adapter.safetensors")
     summary = {"method": config.method, "before": before, "after": after,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if allocator is not None:
         summary.update(final_budget=allocator.budget, ranks=allocator.ranks, rank_history=allocator.rank_history)
-    (out / "log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
-    if config.merge:
-        merge_adapters(model).save_pretrained(out / "merged")
-        tokenizer.save_pretrained(out / "merged")
+    base = str(Path(config.model).expanduser().resolve()) if Path(config.model).expanduser().is_dir() else config.model
+    with staged(config.output_dir, config.overwrite) as out:
+        if allocator is not None:
+            save_adapter(model, out / "adapter", allocator.config, allocator.rank_pattern, base_model=base)
+        else:
+            save_lora(model, out / "adapter", config.target_modules, config.target_r, config.lora_alpha,
+                      base_model=base)
+        write_run_record(out / RUN_FILE, config, records={name: len(s[0]) for name, s in splits.items()},
+                         left_out_longer_than_max_length=left_out)
+        (out / "log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
+        if config.merge:
+            merge_adapters(model).save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
     return model, summary
+
+
+def prepared_splits(config, tokenizer):
+    """The run's data as {split: (records, tokenized features)}, and {split: records left out}: the splits held
+    out (with_held_out), each record tokenized, records longer than max_length left out (fit_to_length) and a
+    line printed about them. A training split smaller than one batch is refused."""
+    splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
+    prepared, left_out = {}, {}
+    for name in ("train", "validation", "test"):
+        records, features, left_out[name], longest = fit_to_length(splits[name], tokenizer, config.max_length)
+        prepared[name] = records, features
+        if left_out[name]:
+            print(f"max_length={config.max_length}: left out {left_out[name]} of {len(splits[name])} {name} records, "
+                  f"longer than that (the longest has {longest} tokens); raise --max-length to keep them")
+    if len(prepared["train"][0]) < config.train.batch_size:
+        raise ValueError(f"batch_size={config.train.batch_size} but the training split has only "
+                         f"{len(prepared['train'][0])} records (a single data file also gives up to eval_examples="
+                         f"{config.eval_examples} of its records to validation and to test): lower the batch size, "
+                         "or give more data")
+    return prepared, left_out
 
 
 @torch.no_grad()
@@ -325,17 +359,24 @@ def add_adapters(model, config):
     return add_adalora(model, adalora)
 
 
+def model_directory(model, weights=True):
+    """Where the model's files are: its own directory, a hub id's download (config and tokenizer, and the weights
+    unless weights=False; needs internet the first time), or None for a known architecture (random weights)."""
+    if model in KNOWN:
+        return None
+    directory = Path(model).expanduser()
+    return directory if directory.is_dir() else download(model, weights)
+
+
 def load_model(config):
-    """The base model (NF4-quantized target layers unless config.quantize is False) and its tokenizer."""
-    if config.model in KNOWN:  # random weights of a known shape: a rehearsal, with the bundled tokenizer
-        tokenizer_source = BASE_MODEL_DIR
-    else:
-        tokenizer_source = config.model
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    """The base model (NF4-quantized target layers unless config.quantize is False) and its tokenizer (for a
+    known architecture with random weights: the bundled one)."""
+    directory = model_directory(config.model)
+    tokenizer = load_tokenizer(directory or BASE_MODEL_DIR)
+    source = config.model if directory is None else directory
     if config.quantize:
-        model = load_quantized(config.model, config.target_modules, double_quant=config.double_quant,
-                               device=config.device)
+        model = load_quantized(source, config.target_modules, double_quant=config.double_quant, device=config.device)
     else:
         dtype = torch.float32 if config.device == "cpu" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(config.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(config.device).eval()
     return model.requires_grad_(False), tokenizer

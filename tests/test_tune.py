@@ -1,19 +1,23 @@
 """End to end: the CLI tune improves held-out results; the loop and the Trainer callback follow AdaLoRA's rules."""
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
 import transformers
 
 from minilora import AdaLoRAConfig, add_adalora
-from minilora.__main__ import main
-from minilora.adapter_io import load_adapter
-from minilora.data import collate, load_instructions, tokenize_record, with_held_out
+from minilora.__main__ import build_parser, main
+from minilora.adapter_io import export_peft, load_adapter, read_adapter_meta
+from minilora.architectures import resolve_config
+from minilora.data import BASE_MODEL_DIR, collate, load_instructions, tokenize_record, with_held_out
+from minilora.memory import plan_memory
 from minilora.tune import (
     AdaLoRACallback,
     RunConfig,
@@ -48,6 +52,25 @@ def test_cli_tune_improves_held_out_loss_and_exact_match(cli_run):
     assert loss_after < loss_before - 2, stdout
     assert match_after >= match_before + 20, stdout  # percentage points on 100 held-out examples
     assert "final budget 112 triplets" in stdout
+
+
+def test_the_run_writes_its_resolved_settings_and_its_adapter_exports_to_peft_later(cli_run, tmp_path):
+    out, _ = cli_run
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["model"] == str(BASE_MODEL_DIR) and record["settings"]["train"]["steps"] == 120
+    assert record["versions"]["torch"] == torch.__version__ and record["records"]["test"] == 300
+    assert record["left_out_longer_than_max_length"] == {"train": 0, "validation": 0, "test": 0}
+    assert not [p.name for p in out.parent.iterdir() if ".partial-" in p.name], "no staging directory is left"
+    model, _ = load_model(RunConfig(quantize=False))
+    load_adapter(model, out / "adapter")
+    export_peft(model, tmp_path / "peft", AdaLoRAConfig(**read_adapter_meta(out / "adapter")["config"]))
+    exported = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == str(BASE_MODEL_DIR)
+    peft_model = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft")  # finds its base by that name
+    ids = torch.tensor([[1, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_saved_adapter_reloads_with_the_same_outputs(cli_run):
@@ -179,14 +202,58 @@ def test_trainer_callback_refuses_mismatched_steps(tmp_path):
 
 
 def test_plan_command_prints_the_7b_plan():
-    out = subprocess.run([sys.executable, "-m", "minilora", "plan", "--model", "llama-2-7b", "--seq-len", "128"],
+    out = subprocess.run([sys.executable, "-m", "minilora", "plan", "--model", "llama-2-7b", "--max-length", "128"],
                          capture_output=True, text=True, check=True).stdout
-    assert "quantized weights (NF4 codes)" in out and "predicted peak" in out
+    assert "quantized weights (NF4 codes)" in out and "predicted peak" in out and "batch 8 x 128 tokens" in out
+
+
+def plan_table(text):
+    return text[text.index("memory plan:"):]
+
+
+def test_plan_and_a_dry_run_describe_the_same_run_and_the_dry_run_loads_and_writes_nothing(monkeypatch, capsys,
+                                                                                             tmp_path):
+    options = ["--model", "llama-2-7b", "--batch-size", "2", "--max-length", "64", "--init-r", "8", "--device", "cpu"]
+    assert main(["plan", *options]) == 0
+    plan = capsys.readouterr().out
+    monkeypatch.setattr("minilora.tune.load_model", refuse_to_load)
+    assert main(["tune", *options, "--dry-run", "--output-dir", str(tmp_path / "out")]) == 0
+    dry = capsys.readouterr().out
+    assert plan_table(dry) == plan_table(plan) and "batch 2 x 64 tokens, adalora rank 8" in plan
+    assert "records: 4,000 train, 300 validation, 300 test" in dry and "lr                      0.005" in dry
+    assert not (tmp_path / "out").exists()
+    settings = RunConfig(model="llama-2-7b", max_length=64, init_r=8, device="cpu",
+                         train=TrainSettings(batch_size=2)).memory_settings()
+    assert plan_table(plan).endswith(str(plan_memory(resolve_config("llama-2-7b"), settings)) + "\n")
+
+
+def test_plan_refuses_what_it_cannot_count(capsys, tmp_path):
+    transformers.GPT2Config().save_pretrained(tmp_path / "gpt2")
+    cases = [(["--model", str(tmp_path / "gpt2")], "this gpt2 config has no intermediate_size"),
+             (["--target-modules", "c_attn"], "target_modules=['c_attn']: name some of a Llama layer's projections"),
+             (["--batch-size", "-2"], "batch_size=-2"), (["--max-length", "-5"], "max_length=-5"),
+             (["--model", "llama2"], "model='llama2': not a directory here, not a hub id 'owner/name'")]
+    for argv, message in cases:
+        assert main(["plan", *argv]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and "\n" not in error, error
+
+
+def test_help_shows_every_default_and_lists_the_learners_commands_first():
+    parser = build_parser()
+    for command in ("tune", "plan"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        for action in sub._actions[1:]:
+            shown = sub.formatter_class(prog="x")._get_help_string(action)
+            assert action.help and "%(default)" in shown, (command, action.dest)
+    listing = parser.format_help()
+    assert listing.index("tune") < listing.index("for instructors") < listing.index("for maintainers")
 
 
 BAD_TUNE_SETTINGS = [
     (["--batch-size", "0"], "batch_size=0"),
     (["--batch-size", "-1"], "batch_size=-1"),
+    (["--batch-size", "100000"], "batch_size=100000 but the training split has only 4000 records"),
     (["--steps", "0"], "steps=0"),
     (["--steps", "1"], "steps=1"),  # AdaLoRA's final mask needs one scored step before it
     (["--grad-accum", "0"], "grad_accum=0"),
@@ -198,8 +265,11 @@ BAD_TUNE_SETTINGS = [
     (["--target-r", "0"], "target_r=0"),
     (["--max-length", "4"], "max_length=4"),
     (["--model", "./no-such-checkpoint"], "model='./no-such-checkpoint'"),
+    (["--model", "llama2"], "model='llama2': not a directory here, not a hub id 'owner/name'"),
     (["--data", "./no-such-file.jsonl"], "no such file or directory"),
 ]
+if not torch.cuda.is_available():
+    BAD_TUNE_SETTINGS.append((["--device", "cuda"], "device='cuda': use cpu: torch sees no CUDA GPU here"))
 
 
 def refuse_to_load(config):
@@ -207,6 +277,7 @@ def refuse_to_load(config):
 
 
 @pytest.mark.parametrize("argv, named", BAD_TUNE_SETTINGS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+@pytest.mark.usefixtures("time_limit")
 def test_tune_refuses_a_bad_setting_in_one_line_before_loading_the_model(argv, named, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("minilora.tune.load_model", refuse_to_load)
     assert main(["tune", *argv, "--output-dir", str(tmp_path), "--no-progress"]) == 2
@@ -215,6 +286,7 @@ def test_tune_refuses_a_bad_setting_in_one_line_before_loading_the_model(argv, n
     assert not any(tmp_path.iterdir()), "nothing is written for a refused run"
 
 
+@pytest.mark.usefixtures("time_limit")
 def test_a_training_split_smaller_than_the_batch_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
     # The last round's hang: 405 records, 400 held out for validation and test, 5 left for a batch of 8.
     records = load_instructions(split="train").select(range(12))
@@ -226,6 +298,7 @@ def test_a_training_split_smaller_than_the_batch_is_refused_before_the_model_loa
 
 
 @pytest.mark.parametrize("size, batch_size", [(5, 8), (0, 1), (5, 0)])
+@pytest.mark.usefixtures("time_limit")
 def test_endless_batches_refuse_what_would_never_yield_a_batch(size, batch_size):
     with pytest.raises(ValueError, match=f"batch_size={batch_size} but the training split has {size} records"):
         next(endless_batches(list(range(size)), list, batch_size, seed=0))
@@ -242,3 +315,56 @@ def test_the_shortest_adalora_run_completes(tmp_path):
     config = RunConfig(output_dir=str(tmp_path), eval_examples=2, train=TrainSettings(steps=2, batch_size=2))
     _, summary = run(config, progress=False)
     assert summary["final_budget"] == 4 * 28
+
+
+def test_an_earlier_run_is_kept_unless_overwrite_and_an_interrupted_run_leaves_it_whole(monkeypatch, tmp_path):
+    small = dict(output_dir=str(tmp_path / "out"), eval_examples=2, method="lora",
+                 train=TrainSettings(steps=1, batch_size=2))
+    run(RunConfig(**small), progress=False)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert {"run.json", "log.json", "adapter_config.json", "adapter_model.safetensors"} <= set(first)
+    with pytest.raises(ValueError, match="holds an earlier run \\(run.json, log.json, adapter\\): choose another"):
+        run(RunConfig(**small), progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the results are written
+
+    monkeypatch.setattr("minilora.tune.write_run_record", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(RunConfig(**small, overwrite=True), progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging directory is left"
+    monkeypatch.undo()
+    run(RunConfig(**small, overwrite=True, merge=True), progress=False)
+    assert (tmp_path / "out" / "merged").is_dir()
+    run(RunConfig(**small, overwrite=True), progress=False)
+    assert not (tmp_path / "out" / "merged").exists(), "an overwritten run leaves none of the earlier results"
+
+
+def test_a_lora_run_saves_an_adapter_peft_loads_with_the_same_outputs(tmp_path):
+    config = RunConfig(output_dir=str(tmp_path), eval_examples=2, method="lora", quantize=False,
+                       train=TrainSettings(steps=3, batch_size=2, lr=0.05))
+    tuned, _ = run(config, progress=False)
+    base, _ = load_model(config)
+    ids = torch.tensor([[1, 8, 9, 10, 11]])
+    with torch.no_grad():
+        tuned_logits, base_logits = tuned(input_ids=ids).logits, base(input_ids=ids).logits
+        assert not torch.allclose(tuned_logits, base_logits, atol=1e-4), "training changed the model"
+        loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")  # puts the adapters into base
+        torch.testing.assert_close(loaded(input_ids=ids).logits, tuned_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_long_records_are_left_out_counted_and_reported_and_chat_data_trains(tmp_path, capsys):
+    records = load_instructions(split="train").select(range(40))
+    chat = [{"messages": [{"role": "user", "content": r["instruction"] + " " + r["input"]},
+                          {"role": "assistant", "content": r["output"]}]} for r in records]
+    chat[3]["messages"][0]["content"] += " please" * 200  # a prompt longer than max_length: it used to divide by 0
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat))
+    config = RunConfig(data=str(path), output_dir=str(tmp_path / "out"), eval_examples=4,
+                       train=TrainSettings(steps=2, batch_size=4))
+    _, summary = run(config, progress=False)
+    left_out = json.loads((tmp_path / "out" / "run.json").read_text())["left_out_longer_than_max_length"]
+    assert sum(left_out.values()) == 1 and math.isfinite(summary["after"]["eval_loss"])
+    split = next(name for name, count in left_out.items() if count)
+    assert f"max_length=96: left out 1 of {32 if split == 'train' else 4} {split} records" in capsys.readouterr().out
