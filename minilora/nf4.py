@@ -132,13 +132,24 @@ def pack_pairs(codes, out):
     torch.bitwise_or(pairs << 4, pairs >> 8, out=out)  # the low 8 bits are first << 4 | second
 
 
-def map_chunks(n_blocks, blocksize, work):
-    """Call work(first, last) on consecutive ranges of blocks, about CHUNK values each, on a few threads.
+def map_blocks(n_blocks, blocksize, work, device, vectorized=None):
+    """Call work(first, last) on ranges of blocks that together cover all n_blocks blocks.
 
-    Blocks are independent and each call writes only its own slice of the outputs, so the chunks can run in any
-    order, several at once. A chunk is small enough that its temporaries stay in the cache, and that torch runs
-    each operation on it in the calling thread: the parallelism is ours, one thread per core.
+    Each call computes its blocks the same way and writes only its own slice of the outputs, so how the blocks are
+    split never changes a bit of the result. Two ways to split them:
+    - vectorized (the default off the CPU): one call on the whole range, a handful of tensor operations however
+      large the tensor. On a GPU every operation is a kernel launch with a fixed cost of microseconds, and
+      thousands of chunks would spend more time launching kernels than computing. (On CUDA, torch.compile could
+      fuse dequantization's gather and multiplication into one kernel; minilora does not do that.)
+    - chunked (the default on the CPU, where it is several times faster): ranges of about CHUNK values, on a few
+      threads. A chunk's temporaries stay in the cache, and torch runs each operation on it in the calling thread:
+      the parallelism is ours, one thread per core.
     """
+    if vectorized is None:
+        vectorized = device.type != "cpu"
+    if vectorized:
+        work(0, n_blocks)
+        return
     step = max(1, CHUNK // blocksize)
     starts = range(0, n_blocks, step)
     workers = min(len(starts), torch.get_num_threads())
@@ -155,11 +166,12 @@ def map_chunks(n_blocks, blocksize, work):
         list(pool.map(run, range(tasks)))  # list() re-raises a worker's error
 
 
-def quantize_nf4(w, blocksize=64, double_quant=False):
+def quantize_nf4(w, blocksize=64, double_quant=False, vectorized=None):
     """Quantize a float tensor to NF4, blockwise over its flattened values (eq. 1 with the NF4 levels).
 
     Bit-exact with bitsandbytes' CPU quantize_4bit(quant_type="nf4"). With double_quant=True the block
-    constants are stored in 8 bits as well (minilora.double_quant).
+    constants are stored in 8 bits as well (minilora.double_quant). vectorized: the whole tensor in one range
+    (True) or in chunks on threads (False); by default chunked on the CPU only (map_blocks). Same bits either way.
     """
     check_blocksize(blocksize)
     flat = checked_flat(w, "quantize_nf4")
@@ -174,7 +186,7 @@ def quantize_nf4(w, blocksize=64, double_quant=False):
         scaled = rows * scale.clamp(min=TINY).reciprocal()[:, None]  # complete blocks: times the reciprocal
         pack_pairs(nf4_codes(scaled.view(-1)), packed[first * blocksize // 2 : last * blocksize // 2])
 
-    map_chunks(n_full, blocksize, quantize_blocks)
+    map_blocks(n_full, blocksize, quantize_blocks, flat.device, vectorized)
     if n_full * blocksize < n:  # the final partial block: divided by its absmax, which is stored floored
         tail = flat[n_full * blocksize :].float()
         absmax[-1] = tail.abs().amax().clamp(min=TINY)
@@ -213,9 +225,10 @@ def check_parts(q):
                              f"{tuple(q.shape)} and blocksize {q.blocksize}: its parts do not fit together; {redo}")
 
 
-def dequantize_nf4(q, dtype=None):
+def dequantize_nf4(q, dtype=None, vectorized=None):
     """The tensor an NF4Tensor stands for: level × block absmax in float32 (eq. 2), then cast to dtype (by default
-    the dtype it was quantized from), in its original shape. Bit-exact with bitsandbytes' CPU dequantize_4bit."""
+    the dtype it was quantized from), in its original shape. Bit-exact with bitsandbytes' CPU dequantize_4bit.
+    vectorized: as in quantize_nf4 (by default chunked on the CPU only); the same values either way."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 expects the NF4Tensor returned by quantize_nf4, got {type(q).__name__}")
     check_parts(q)
@@ -237,7 +250,7 @@ def dequantize_nf4(q, dtype=None):
             values = torch.index_select(pairs, 0, bytes_).view(torch.float32).view(-1, size)
             out[first * size : last * size] = values.mul_(absmax[first:last, None]).view(-1)
 
-    map_chunks(n_full, size, dequantize_blocks)
+    map_blocks(n_full, size, dequantize_blocks, q.packed.device, vectorized)
     if n_full * size < n:
         levels = torch.index_select(pairs, 0, q.packed[n_full * size // 2 :].int()).view(torch.float32)
         out[n_full * size :] = levels[: n - n_full * size] * absmax[-1]

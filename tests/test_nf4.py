@@ -4,15 +4,19 @@ edge cases and the errors a learner can hit."""
 import copy
 import dataclasses
 import re
+from contextlib import contextmanager
 
 import bitsandbytes.functional as bnbF
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minilora.nf4 import (
     BLOCKSIZES,
+    CHUNK,
     NF4Tensor,
     dequantize_nf4,
+    map_blocks,
     nf4_code_rule,
     nf4_codes,
     nf4_midpoints,
@@ -235,3 +239,103 @@ def test_parts_that_fit_still_dequantize():
             w = torch.randn(n)
             assert_identical_to_bnb(w, blocksize)
             assert (dequantize_nf4(quantize_nf4(w, blocksize, double_quant=True)) - w).abs().max() <= w.abs().max()
+
+
+def assert_paths_identical(w, blocksize, double_quant):
+    """The vectorized path (one range, what a GPU runs) gives the chunked path's bytes, constants and values."""
+    chunked = quantize_nf4(w, blocksize, double_quant, vectorized=False)
+    whole = quantize_nf4(w, blocksize, double_quant, vectorized=True)
+    assert torch.equal(whole.packed, chunked.packed), "packed codes"
+    assert torch.equal(whole.absmax, chunked.absmax), "absmax constants"
+    if double_quant:
+        assert torch.equal(whole.absmax8.quantized.codes, chunked.absmax8.quantized.codes), "8-bit constants"
+        assert torch.equal(whole.absmax8.offset, chunked.absmax8.offset), "offset"
+    for dtype in DTYPES:
+        expected = dequantize_nf4(chunked, dtype, vectorized=False)
+        assert expected.shape == w.shape and expected.dtype == dtype
+        assert torch.equal(dequantize_nf4(chunked, dtype, vectorized=True), expected), f"dequantized to {dtype}"
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_vectorized_and_chunked_paths_give_the_same_bits(blocksize, dtype, double_quant):
+    generator = torch.Generator().manual_seed(blocksize + DTYPES.index(dtype))
+    several_chunks = (3 * CHUNK + blocksize // 2 + 1,)  # several chunks (on threads), a partial block, an odd count
+    for shape in [*random_shapes(generator, blocksize), several_chunks]:
+        scale = 10 ** float(torch.randn(1, generator=generator))
+        w = (torch.randn(shape, generator=generator) * scale).to(dtype)
+        assert_paths_identical(w, blocksize, double_quant)
+    w = torch.randn(5 * blocksize + 7, generator=generator).to(dtype)
+    w[blocksize : 2 * blocksize] = 0  # an all-zero complete block (absmax 0) and an all-zero partial one (1e-38)
+    w[5 * blocksize :] = 0
+    assert_paths_identical(w, blocksize, double_quant)
+
+
+def test_by_default_only_the_cpu_is_chunked():
+    def ranges(device, vectorized=None):
+        calls = []
+        map_blocks(2000, 64, lambda first, last: calls.append((first, last)), torch.device(device), vectorized)
+        return sorted(calls)
+
+    step = CHUNK // 64
+    chunks = [(first, min(first + step, 2000)) for first in range(0, 2000, step)]
+    assert ranges("cpu") == chunks and len(chunks) == 4
+    assert ranges("cuda") == ranges("mps") == ranges("cpu", vectorized=True) == [(0, 2000)]
+    assert ranges("cuda", vectorized=False) == chunks
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched while it is active (on this thread: a worker thread has no mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def one_thread():
+    """The chunked path runs its chunks on the calling thread only when torch has one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def counted(fn, *args, **kwargs):
+    """(aten operations that fn(*args, **kwargs) dispatched, its result)."""
+    with CountOps() as ops:
+        result = fn(*args, **kwargs)
+    return ops.count, result
+
+
+OPS_BOUND = 100  # measured: 58 to quantize, 84 with double quantization; 22 and 34 to dequantize (float32; +2 bf16)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vectorized_path_dispatches_a_few_operations_whatever_the_size(dtype, double_quant):
+    """On a GPU every aten operation that computes (not a view or a slice) is a kernel launch. The vectorized path
+    dispatches the same few at any size; the chunked path about 24 more per chunk to quantize, 10 to dequantize."""
+    generator = torch.Generator().manual_seed(6)
+    small = torch.randn(257, 511, generator=generator).to(dtype)  # 131,327 values: 5 chunks, a partial block, odd
+    big = torch.randn(4 * 257, 4 * 511, generator=generator).to(dtype)  # 16 times as many: 65 chunks
+    dequantize_nf4(quantize_nf4(small, double_quant=double_quant))  # builds the cached tables before counting
+    counts = {}
+    with one_thread():
+        for vectorized in (True, False):
+            for name, w in (("small", small), ("big", big)):
+                n_quantize, q = counted(quantize_nf4, w, double_quant=double_quant, vectorized=vectorized)
+                n_dequantize, _ = counted(dequantize_nf4, q, vectorized=vectorized)
+                counts[vectorized, name] = n_quantize, n_dequantize
+    assert counts[True, "small"] == counts[True, "big"], counts
+    assert max(counts[True, "big"]) <= OPS_BOUND, counts
+    for small_count, big_count in zip(counts[False, "small"], counts[False, "big"], strict=True):
+        assert big_count > 8 * small_count, counts  # the chunked count grows with the chunks: 5 -> 65
+    assert min(counts[False, "big"]) > OPS_BOUND, counts
