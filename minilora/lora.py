@@ -56,7 +56,9 @@ class LoRALinear(nn.Module):
         return (self.B @ self.A) * self.scaling
 
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.A.T @ self.B.T) * self.scaling
+        out = self.base(x)  # a 4-bit base computes in its own dtype (bfloat16 on a GPU); the adapter in A's
+        update = (self.dropout(x.to(self.A.dtype)) @ self.A.T @ self.B.T) * self.scaling
+        return out + update.to(out.dtype)
 
 
 def matches_target(name, target_modules):
