@@ -168,15 +168,16 @@ def finish(process):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def planned(model, batch_size, seq_len, resident_bytes=None):
-    """plan_memory for the settings train_briefly uses; model is a name of MODELS or a config."""
+def planned(model, batch_size, seq_len, resident_bytes=None, device="cpu", dtype_bytes=4):
+    """plan_memory for the settings train_briefly uses (float32 on the CPU by default; a GPU run passes its device
+    type and the compute dtype's bytes); model is a name of MODELS or a config."""
     from transformers import LlamaConfig
 
     from minilora.memory import RunSettings, plan_memory
 
     settings = RunSettings(batch_size=batch_size, seq_len=seq_len, init_r=INIT_R, double_quant=True,
-                           gradient_checkpointing=True, page_bytes=PAGE_BYTES, device="cpu",
-                           optimizer_resident_bytes=resident_bytes)
+                           compute_bytes=dtype_bytes, base_bytes=dtype_bytes, gradient_checkpointing=True,
+                           page_bytes=PAGE_BYTES, device=device, optimizer_resident_bytes=resident_bytes)
     return plan_memory(LlamaConfig(**MODELS[model]) if isinstance(model, str) else model, settings)
 
 
