@@ -4,10 +4,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from minilora.tune import RunConfig, TrainSettings
+from torch import OutOfMemoryError
+
+from minilora.tune import RECIPES, RunConfig, recipe
 
 REPO = Path(__file__).resolve().parent.parent
-RUN, TRAIN = RunConfig(), TrainSettings()
 
 
 def cmd_env(args):
@@ -56,8 +57,7 @@ def run_config(args):
 
     given = {**vars(args), "target_modules": tuple(args.target_modules)}
     train_keys, run_keys = ({f.name for f in fields(cls)} - {"train"} for cls in (TrainSettings, RunConfig))
-    train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys},
-                          resident_bytes=args.resident_mib * 2**20 if args.resident_mib else None)
+    train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys})
     return RunConfig(**{k: v for k, v in given.items() if k in run_keys}, train=train)
 
 
@@ -115,15 +115,17 @@ def cmd_tune(args):
     return 0
 
 
-def build_parser():
+def build_parser(defaults=None):
+    """The command line; `tune` and `plan` take their defaults from `defaults` (a RunConfig; RunConfig() if None)."""
+    defaults = defaults or RunConfig()
     parser = argparse.ArgumentParser(prog="python -m minilora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("env", help="versions, threads, GPU and bf16 speed, with a verdict per requirement")
-    add_tune_parser(sub)
+    add_tune_parser(sub, defaults)
     plan = sub.add_parser("plan", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                           help="bytes by component of the run `tune` would do with the same options, from the model's "
                                "config alone")
-    add_run_options(plan)
+    add_run_options(plan, defaults)
     stu = sub.add_parser("student", help="for instructors: write student editions (solutions removed) of the notebooks")
     stu.add_argument("--out", type=Path, default=REPO / "student")
     grad = sub.add_parser("graduate", help="for maintainers: write the package's taught modules from the notebooks")
@@ -133,23 +135,27 @@ def build_parser():
     return parser
 
 
-def add_tune_parser(sub):
+def add_tune_parser(sub, run):
+    train = run.train
     tune = sub.add_parser("tune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                           help="QLoRA+AdaLoRA-tune a model end to end (default: the bundled tiny model and data)")
-    add_run_options(tune)
-    tune.add_argument("--data", default=None, help="a .jsonl, .json or .csv file, a directory of split files, or a "
-                                                   "hub data set id (None: the bundled set)")
-    tune.add_argument("--output-dir", default=RUN.output_dir, help="where the adapter, run.json and the log go")
+    add_run_options(tune, run)
+    tune.add_argument("--data", default=run.data, help="a .jsonl, .json or .csv file, a directory of split files, or "
+                                                       "a hub data set id (None: the bundled set)")
+    tune.add_argument("--output-dir", default=run.output_dir, help="where the adapter, run.json and the log go")
     tune.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in OUTPUT_DIR")
-    tune.add_argument("--eval-examples", type=int, default=RUN.eval_examples,
+    tune.add_argument("--eval-examples", type=int, default=run.eval_examples,
                       help="held-out examples for loss and exact match")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
-    tune.add_argument("--steps", type=int, default=TRAIN.steps, help="optimizer steps (AdaLoRA's total_steps)")
-    tune.add_argument("--grad-accum", type=int, default=TRAIN.grad_accum, help="micro-batches per optimizer step")
-    tune.add_argument("--lr", type=float, default=TRAIN.lr, help="learning rate (QLoRA used 2e-4 for 7B)")
-    tune.add_argument("--eval-every", type=int, default=TRAIN.eval_every,
+    tune.add_argument("--steps", type=int, default=train.steps, help="optimizer steps (AdaLoRA's total_steps)")
+    tune.add_argument("--grad-accum", type=int, default=train.grad_accum, help="micro-batches per optimizer step")
+    tune.add_argument("--lr", type=float, default=train.lr, help="learning rate (QLoRA used 2e-4 for 7B)")
+    tune.add_argument("--warmup-ratio", type=float, default=train.warmup_ratio,
+                      help="the learning rate rises linearly over this fraction of the steps, then stays constant")
+    tune.add_argument("--max-grad-norm", type=float, default=train.max_grad_norm, help="gradient clipping norm")
+    tune.add_argument("--eval-every", type=int, default=train.eval_every,
                       help="also evaluate on the validation split every N steps (0: never)")
-    tune.add_argument("--seed", type=int, default=TRAIN.seed, help="seeds the adapters, the data order and the split")
+    tune.add_argument("--seed", type=int, default=train.seed, help="seeds the adapters, the data order and the split")
     tune.add_argument("--dry-run", action="store_true",
                       help="check everything, read the data, print the resolved settings and the memory plan; no "
                            "model is loaded and nothing is written")
@@ -157,26 +163,34 @@ def add_tune_parser(sub):
     tune.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
 
 
-def add_run_options(parser):
-    """The options `tune` and `plan` share, their defaults taken from RunConfig and TrainSettings."""
-    parser.add_argument("--model", default=RUN.model,
+def add_run_options(parser, run):
+    """The options `tune` and `plan` share, their defaults taken from `run` (a RunConfig)."""
+    train = run.train
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                        help="start from a named recipe's settings (qlora-7b: QLoRA's for a 7B model, with AdaLoRA); "
+                             "options you give still win, and --help shows the recipe's values after --recipe")
+    parser.add_argument("--model", default=run.model,
                         help="checkpoint dir, hub id owner/name, or llama-2-7b / llama-2-13b (random weights)")
-    parser.add_argument("--method", choices=["adalora", "lora"], default=RUN.method, help="lora: rank target_r")
-    parser.add_argument("--target-modules", nargs="+", default=list(RUN.target_modules),
+    parser.add_argument("--method", choices=["adalora", "lora"], default=run.method, help="lora: rank target_r")
+    parser.add_argument("--target-modules", nargs="+", default=list(run.target_modules),
                         help="the layer types that get adapters (and NF4 weights)")
-    parser.add_argument("--init-r", type=int, default=RUN.init_r, help="AdaLoRA's initial rank per layer")
-    parser.add_argument("--target-r", type=int, default=RUN.target_r, help="AdaLoRA's final average rank per layer")
-    parser.add_argument("--max-length", type=int, default=RUN.max_length,
+    parser.add_argument("--init-r", type=int, default=run.init_r, help="AdaLoRA's initial rank per layer")
+    parser.add_argument("--target-r", type=int, default=run.target_r, help="AdaLoRA's final average rank per layer")
+    parser.add_argument("--lora-alpha", type=float, default=run.lora_alpha, help="scaling numerator (alpha / r)")
+    parser.add_argument("--max-length", type=int, default=run.max_length,
                         help="tokens per record (prompt, answer, end); longer records are left out and counted")
-    parser.add_argument("--batch-size", type=int, default=TRAIN.batch_size, help="examples per micro-batch")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--batch-size", type=int, default=train.batch_size, help="examples per micro-batch")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                        default=train.gradient_checkpointing, help="recompute activations in backward")
     parser.add_argument("--no-quantize", dest="quantize", action="store_false",
-                        help="keep the base in float32 (quantize: %(default)s)")
+                        help="keep the base unquantized (quantize: %(default)s)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="store the NF4 constants in float32 (double_quant: %(default)s)")
-    parser.add_argument("--resident-mib", type=int, default=0,
-                        help="PagedAdamW keeps at most this many MiB of states resident (0: all of them)")
-    parser.add_argument("--device", default=RUN.device, help="cuda or cpu")
+    parser.add_argument("--resident-bytes", type=int, default=train.resident_bytes,
+                        help="PagedAdamW keeps at most this many bytes of states on the device (None: all of them)")
+    parser.add_argument("--device", default=run.device, help="cuda or cpu")
+    parser.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default=run.compute_dtype,
+                        help="None: float32 on a CPU, bfloat16 on a GPU that has it, else float16 (with loss scaling)")
 
 
 COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
@@ -184,12 +198,19 @@ COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    first = argparse.ArgumentParser(add_help=False)  # a recipe gives the other options their defaults (and --help)
+    first.add_argument("--recipe")
+    name = first.parse_known_args(argv)[0].recipe
+    args = build_parser(recipe(name) if name in RECIPES else None).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:  # a setting or a file the user gave: say what, not where
+    except (ValueError, FileNotFoundError, OutOfMemoryError) as error:  # the user's to fix: say what, not where
         if getattr(args, "debug", False):
             raise
+        if isinstance(error, OutOfMemoryError):
+            error = (f"the GPU ran out of memory ({str(error).splitlines()[0]}): lower --batch-size or --max-length, "
+                     "or use --gradient-checkpointing or --resident-bytes; `plan` with the same options shows where "
+                     "the bytes go")
         print(f"python -m minilora {args.command}: error: {error} (--debug shows the traceback)", file=sys.stderr)
         return 2
 

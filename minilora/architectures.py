@@ -23,11 +23,18 @@ def download(repo_id, weights=True, repo_type="model"):
     """Fetch a hub repository (needs internet the first time) and return its local directory: a model's config and
     tokenizer files, and its safetensors shards unless weights=False; or every file of a data set."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     data = repo_type == "dataset"
     patterns = None if data else ["*.json", "tokenizer*"] + (["*.safetensors"] if weights else [])
     try:
         return Path(snapshot_download(repo_id, repo_type=repo_type, allow_patterns=patterns))
+    except GatedRepoError:
+        raise ValueError(f"{repo_id!r} is gated: accept its license on huggingface.co/{repo_id}, then log in with "
+                         "`huggingface-cli login` or set HF_TOKEN to a token of that account") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"the hub has no {repo_id!r} that you may read: check the name, or log in "
+                         "(`huggingface-cli login` or HF_TOKEN) if it is private") from None
     except Exception as error:
         instead = "a local file or directory" if data else f"a local checkpoint directory or one of {sorted(KNOWN)}"
         raise ValueError(f"cannot download {repo_id!r} from the hub ({type(error).__name__}). Offline? Pass "

@@ -18,6 +18,7 @@ from minilora.adapter_io import export_peft, load_adapter, read_adapter_meta
 from minilora.architectures import resolve_config
 from minilora.data import BASE_MODEL_DIR, collate, load_instructions, tokenize_record, with_held_out
 from minilora.memory import plan_memory
+from minilora.paged_optim import PagedAdamW
 from minilora.tune import (
     AdaLoRACallback,
     RunConfig,
@@ -28,6 +29,7 @@ from minilora.tune import (
     fitting_page_bytes,
     load_model,
     merge_adapters,
+    recipe,
     run,
     train,
 )
@@ -368,3 +370,119 @@ def test_long_records_are_left_out_counted_and_reported_and_chat_data_trains(tmp
     assert sum(left_out.values()) == 1 and math.isfinite(summary["after"]["eval_loss"])
     split = next(name for name, count in left_out.items() if count)
     assert f"max_length=96: left out 1 of {32 if split == 'train' else 4} {split} records" in capsys.readouterr().out
+
+
+def test_the_7b_command_runs_end_to_end_on_a_pad_less_llama_checkpoint_and_alpaca_data(tmp_path, capsys):
+    checkpoint = tmp_path / "llama-like"  # saved here like a Llama-2 download: no pad token in its tokenizer
+    model, tokenizer = load_model(RunConfig(quantize=False))
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    settings = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    del settings["pad_token"]
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert transformers.AutoTokenizer.from_pretrained(checkpoint).pad_token is None
+    alpaca = tmp_path / "alpaca.jsonl"
+    records = load_instructions(split="train").select(range(48))
+    alpaca.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
+                              for r in records))
+    out = tmp_path / "out"
+    assert main(["tune", "--recipe", "qlora-7b", "--model", str(checkpoint), "--data", str(alpaca), "--steps", "3",
+                 "--grad-accum", "2", "--eval-examples", "4", "--output-dir", str(out), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    resolved = json.loads((out / "run.json").read_text())["settings"]
+    assert (resolved["init_r"], resolved["target_r"], resolved["max_length"], resolved["compute_dtype"]) == \
+        (12, 8, 512, "float32")
+    train = resolved["train"]
+    assert (train["steps"], train["grad_accum"], train["lr"], train["max_grad_norm"]) == (3, 2, 2e-4, 0.3)
+    assert train["gradient_checkpointing"] and train["resident_bytes"] == 64 * 2**20
+    adapter = read_adapter_meta(out / "adapter")
+    assert adapter["base_model"] == str(checkpoint.resolve())
+    assert transformers.AutoConfig.from_pretrained(checkpoint).vocab_size == len(tokenizer), "no token was added"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_compute_trains_float32_adapters_and_float16_scales_its_loss(dtype, tmp_path):
+    config = RunConfig(output_dir=str(tmp_path), eval_examples=4, compute_dtype=dtype,
+                       train=TrainSettings(steps=4, batch_size=4))
+    model, summary = run(config, progress=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {m.compute_dtype for m in model.modules() if hasattr(m, "compute_dtype")} == {getattr(torch, dtype)}
+    assert math.isfinite(summary["after"]["eval_loss"]) and summary["final_budget"] == 4 * 28
+    resolved = json.loads((tmp_path / "run.json").read_text())["settings"]["train"]
+    assert resolved["loss_scale"] == (2.0**16 if dtype == "float16" else None)
+
+
+def test_a_float16_overflow_repeats_the_step_at_half_the_scale(tmp_path):
+    config = RunConfig(output_dir=str(tmp_path), eval_examples=4, compute_dtype="float16",
+                       train=TrainSettings(steps=6, batch_size=4, loss_scale=2.0**24))
+    _, summary = run(config, progress=False)
+    log = json.loads((tmp_path / "log.json").read_text())["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6], "every step is taken, none is skipped"
+    scale = log[0]["loss_scale"]  # halved until float16 held the scaled gradients
+    assert scale < 2.0**24 and math.log2(scale).is_integer()
+    assert summary["final_budget"] == 4 * 28 and all(math.isfinite(r["grad_norm"]) for r in log)
+
+
+def test_a_step_that_overflows_at_every_scale_ends_in_one_clear_error_not_a_loop(monkeypatch):
+    model, allocator, data = tiny_model_and_batches(steps=6)
+    tries = []
+    monkeypatch.setattr("minilora.tune.unscaled", lambda params, scale: tries.append(scale) and False)
+    with pytest.raises(FloatingPointError, match="step 1 overflows float16 even unscaled: compute in bfloat16"):
+        train(model, endless_batches(data, lambda rows: collate(rows, 0), 2, seed=0),
+              TrainSettings(steps=6, loss_scale=8.0), allocator, progress=False)
+    assert tries == [8.0, 4.0, 2.0, 1.0]
+
+
+def test_warm_up_raises_the_learning_rate_linearly_then_holds_it(monkeypatch):
+    model, allocator, data = tiny_model_and_batches(steps=10)
+    seen = []
+    original = PagedAdamW.step
+
+    def record(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PagedAdamW, "step", record)
+    batches = endless_batches(data, lambda rows: collate(rows, 0), batch_size=2, seed=0)
+    train(model, batches, TrainSettings(steps=10, lr=1.0, warmup_ratio=0.3), allocator, progress=False)
+    assert seen == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
+
+
+def test_a_recipe_gives_defaults_that_given_options_override(capsys, tmp_path):
+    assert recipe("qlora-7b").train.lr == 2e-4 and RunConfig().train.lr == 5e-3
+    with pytest.raises(ValueError, match="recipe='qlora-70b': use one of \\['qlora-7b'\\]"):
+        recipe("qlora-70b")
+    assert main(["plan", "--recipe", "qlora-7b", "--model", "llama-2-7b", "--init-r", "16"]) == 0
+    assert "batch 1 x 512 tokens, adalora rank 16" in capsys.readouterr().out
+
+
+def test_the_plan_of_a_gpu_run_counts_the_base_in_its_compute_dtype_and_the_page_pool_on_the_host():
+    cpu, gpu = (plan_memory(resolve_config("llama-2-7b"), RunConfig(device=device).memory_settings())
+                for device in ("cpu", "cuda"))
+    assert gpu.bytes_of("embeddings, head and norms") * 2 == cpu.bytes_of("embeddings, head and norms")
+    assert gpu.peak < cpu.peak - cpu.bytes_of("optimizer page pool")
+    half = RunConfig(device="cuda", compute_dtype="float16").memory_settings()
+    assert half.compute_bytes == 2 and RunConfig(device="cpu", compute_dtype="bfloat16").memory_settings().base_bytes \
+        == 2
+
+
+def test_a_gated_model_and_an_exhausted_gpu_say_what_to_do(monkeypatch, capsys, tmp_path):
+    import httpx
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError("403", response=httpx.Response(403, request=httpx.Request("GET", "https://hf.co")))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", gated)
+    assert main(["plan", "--model", "meta-llama/Llama-2-7b-hf"]) == 2
+    assert "is gated: accept its license on huggingface.co/meta-llama/Llama-2-7b-hf, then log in with " \
+           "`huggingface-cli login` or set HF_TOKEN" in capsys.readouterr().err
+
+    def out_of_memory(config, progress):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("minilora.tune.run", out_of_memory)
+    assert main(["tune", "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower --batch-size" in error
+    assert "\n" not in error
