@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import OutOfMemoryError
 
-from minilora.tune import RECIPES, RunConfig, recipe
+from minilora.tune import RECIPES, RunConfig, TrainSettings, recipe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,8 +53,6 @@ def run_config(args):
     """The RunConfig of `tune` or `plan` options: the same names, the same defaults."""
     from dataclasses import fields
 
-    from minilora.tune import RunConfig, TrainSettings
-
     given = {**vars(args), "target_modules": tuple(args.target_modules)}
     train_keys, run_keys = ({f.name for f in fields(cls)} - {"train"} for cls in (TrainSettings, RunConfig))
     train = TrainSettings(**{k: v for k, v in given.items() if k in train_keys})
@@ -93,7 +91,7 @@ def cmd_tune(args):
         tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
         splits, _ = prepared_splits(config, tokenizer)
         print("records: " + ", ".join(f"{len(records):,} {name}" for name, (records, _) in splits.items()))
-        settings = asdict(config)
+        settings = asdict(config.resolved())
         settings.update(settings.pop("train"))
         for key, value in settings.items():
             print(f"{key:<24}{value}")
@@ -204,7 +202,13 @@ def main(argv=None):
     args = build_parser(recipe(name) if name in RECIPES else None).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, OutOfMemoryError) as error:  # the user's to fix: say what, not where
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"python -m minilora {args.command}: interrupted; results appear only when complete, so nothing was "
+              "written and an earlier run's results are as they were", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FloatingPointError, OutOfMemoryError) as error:  # the user's to fix
         if getattr(args, "debug", False):
             raise
         if isinstance(error, OutOfMemoryError):

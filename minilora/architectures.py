@@ -44,6 +44,9 @@ def download(repo_id, weights=True, repo_type="model"):
 def check_model_spec(spec):
     """Refuse, in one line, a model that is neither a known architecture, a checkpoint directory, nor a hub id."""
     directory = Path(spec).expanduser()
+    if not str(spec).strip() or directory.is_file():
+        raise FileNotFoundError(f"model={spec!r}: pass a checkpoint directory (the one that holds config.json), a hub "
+                                f"id such as meta-llama/Llama-2-7b-hf, or one of {sorted(KNOWN)} (random weights)")
     if directory.is_dir() and not (directory / "config.json").exists():
         raise FileNotFoundError(f"model={spec!r} has no config.json: point at a checkpoint directory saved with "
                                 f"save_pretrained, or use one of {sorted(KNOWN)}")

@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 INSTRUCTIONS_DIR = DATA_DIR / "instructions"
@@ -57,7 +58,11 @@ def format_prompt(record, tokenizer=None):
 def chat_prompt(messages, tokenizer=None):
     """A conversation as the text the model continues with its answer."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        try:
+            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except TemplateError as error:
+            raise ValueError(f"the tokenizer's chat template refuses a conversation with the roles "
+                             f"{[m['role'] for m in messages]} ({error}): use the roles it knows") from None
         bos = tokenizer.bos_token
         return text[len(bos):] if bos and text.startswith(bos) else text  # tokenize_record adds the bos id itself
     return "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n" for m in messages) + "### Assistant:\n"
@@ -65,11 +70,12 @@ def chat_prompt(messages, tokenizer=None):
 
 def looks_like_a_path(source):
     text = str(source)
-    return (Path(text).suffix in DATA_SUFFIXES or text.startswith((".", "/", "~"))
+    return (Path(text).suffix.lower() in DATA_SUFFIXES or text.startswith((".", "/", "~"))
             or text.count("/") > 1 or "\\" in text)
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv")
+MAX_RECORD_CHARS = 1_000_000  # far beyond any context length: tokenizing such a record would take gigabytes
 RECORD_KINDS = {  # fields that name a kind of record: what it is called, and an example
     "instruction": ("an instruction record", EXAMPLE_RECORD),
     "prompt": ("a prompt/completion record", '{"prompt": "2 + 3 =", "completion": " 5"}'),
@@ -87,8 +93,8 @@ def read_records(path):
     from datasets import Dataset
 
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    text, suffix = path.read_text(encoding="utf-8-sig"), path.suffix.lower()  # -sig: a byte-order mark is skipped
+    if suffix == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
@@ -97,7 +103,7 @@ def read_records(path):
         if not isinstance(rows, list):
             raise ValueError(f"{path}: a .json file must hold a list of records, found a {type(rows).__name__}")
         located = [(f"{path}, record {i}", row) for i, row in enumerate(rows)]
-    elif path.suffix == ".jsonl":
+    elif suffix == ".jsonl":
         located = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -106,9 +112,13 @@ def read_records(path):
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); each line must be one "
                                      f"record such as {EXAMPLE_RECORD}") from None
-    elif path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        located = [(f"{path}, line {reader.line_num}", row) for row in reader]
+    elif suffix == ".csv":
+        reader, located = csv.DictReader(io.StringIO(text)), []
+        for row in reader:
+            if None in row:  # csv puts the values past the header's columns under the key None
+                raise ValueError(f"{path}, line {reader.line_num}: more values than the header has columns: put a "
+                                 'value that holds a comma in double quotes')
+            located.append((f"{path}, line {reader.line_num}", row))
     else:
         raise ValueError(f"{path}: data must be a .jsonl file (one record per line), a .json list of records or a "
                          f".csv table with a header row; a record looks like {EXAMPLE_RECORD}")
@@ -122,6 +132,12 @@ def checked_records(located):
     records, first_kind = [], None
     for where, row in located:
         record = checked_record(row, where)
+        if not record["output"].strip():
+            raise ValueError(f"{where}: the answer is empty, so there is nothing to learn: fill it in or leave the "
+                             "record out")
+        if len(format_prompt(record)[1]) > MAX_RECORD_CHARS:
+            raise ValueError(f"{where}: a record of {len(format_prompt(record)[1]):,} characters, more than any "
+                             f"max_length holds ({MAX_RECORD_CHARS:,} at most): split it or leave it out")
         kind = next(key for key in RECORD_KINDS if key in record)
         first_kind = first_kind or (kind, where)
         if kind != first_kind[0]:
@@ -191,7 +207,7 @@ def split_files(directory):
     called valid, val, dev or eval), as .jsonl, .json or .csv. Anything else that looks like data is refused."""
     files, others = {}, []
     for path in sorted(directory.iterdir()):
-        if path.suffix not in DATA_SUFFIXES:
+        if path.suffix.lower() not in DATA_SUFFIXES:
             continue
         split = next((split for split, names in SPLIT_NAMES.items() if path.stem in names), None)
         if split is None:
@@ -220,6 +236,8 @@ def load_instructions(source=None, split=None):
     from minilora.architectures import HUB_ID, download
 
     source = INSTRUCTIONS_DIR if source is None else source
+    if not str(source).strip():
+        raise ValueError("data='': name a file, a directory or a hub data set (leave it unset for the bundled set)")
     path = Path(source).expanduser()
     if path.is_dir():
         data = DatasetDict({split: read_records(file) for split, file in split_files(path).items()})

@@ -1,9 +1,10 @@
 """Where a run's results go: complete or absent, and never over an earlier run's unless asked.
 
-A run writes its results into a staging directory beside the output directory and moves them into place only
-when all of them are written, so an interrupted run (Ctrl-C, a crash, a full disk) leaves no half-written adapter
-and the earlier results as they were. Beside the adapter, run.json records what produced it: the resolved
-settings (model, data, hyper-parameters, seed, quantization) and the versions of the libraries.
+A run writes its results into a staging directory inside the output directory and moves them into place (a
+rename on the same disk) only when all of them are written, so an interrupted run (Ctrl-C, a crash, a full disk)
+leaves no half-written adapter and the earlier results as they were; the next run clears a stale staging
+directory. Beside the adapter, run.json records what produced it: the resolved settings (model, data,
+hyper-parameters, seed, quantization) and the versions of the libraries.
 """
 
 import json
@@ -22,10 +23,16 @@ LIBRARIES = ("minilora", "torch", "transformers", "bitsandbytes", "peft", "safet
 
 
 def check_output_dir(output_dir, overwrite=False):
-    """Refuse an output directory that holds an earlier run's results, unless overwrite."""
+    """Refuse an output directory that cannot be written, or that holds an earlier run's results unless overwrite."""
     out = Path(output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir={str(output_dir)!r} is a file: choose a directory")
+    if not str(output_dir).strip():
+        raise ValueError("output_dir='': name a directory for the results (runs/tune by default)")
+    existing = next(path for path in (out, *out.parents) if path.exists() or path.is_symlink())
+    if not existing.is_dir():
+        what = "a broken link" if existing.is_symlink() and not existing.exists() else "a file"
+        raise ValueError(f"output_dir={str(output_dir)!r}: {existing} is {what}, not a directory: choose another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir={str(output_dir)!r}: {existing} is not writable here: choose another directory")
     found = [name for name in RESULTS if (out / name).exists()]
     if found and not overwrite:
         raise ValueError(f"output_dir={str(output_dir)!r} holds an earlier run ({', '.join(found)}): choose another "
@@ -39,7 +46,9 @@ def staged(output_dir, overwrite=False):
     out = Path(output_dir).expanduser()
     check_output_dir(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    for stale in out.glob(".partial-*"):  # left by a run killed while it wrote its results
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=".partial-", dir=out))
     try:
         yield stage
         for name in RESULTS:  # the earlier run's, all of them: a result this run does not write would be stale

@@ -75,6 +75,7 @@ class TrainSettings:
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "use a fraction of the steps from 0 to below 1 (QLoRA: 0.03)"),
             ("loss_scale", self.loss_scale is None or self.loss_scale >= 1,
              "leave it unset (float16 runs start at 65536) or use 1 or more"),
+            ("seed", self.seed >= 0, "use 0 or a positive integer"),
         ])
 
 
@@ -256,9 +257,11 @@ class RunConfig:
             ("orth_reg_weight", self.orth_reg_weight >= 0, "use 0 (no penalty) or a positive weight (0.1 here)"),
             ("max_length", self.max_length >= 8, "records need room for a prompt and an answer: use 8 tokens or more"),
             ("eval_examples", self.eval_examples >= 1, "evaluate on at least 1 held-out example"),
-            ("device", not here or self.device == "cpu" or (self.device.startswith("cuda")
-                                                             and torch.cuda.is_available()),
+            ("device", self.device == "cpu" or self.device.startswith("cuda"), "use cpu or cuda"),
+            ("device", not here or self.device == "cpu" or torch.cuda.is_available(),
              "use cpu: torch sees no CUDA GPU here (python -m minilora env says why)"),
+            ("data", self.data is None or str(self.data).strip() != "",
+             "leave it unset for the bundled set, or name a file, a directory or a hub data set"),
             ("compute_dtype", self.compute_dtype in (None, "float32", "bfloat16", "float16"),
              "use float32, bfloat16 or float16, or leave it unset for the device's best"),
             ("compute_dtype", not here or self.compute_dtype != "bfloat16" or self.device == "cpu"

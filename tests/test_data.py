@@ -257,6 +257,11 @@ BAD_FILES = [
      r"role.jsonl, line 1: message 0 must be an object with string 'role' and 'content'"),
     ("table.csv", "instruction,answer\nSay hi.,hi\n", r"table.csv, line 2: the record lacks \['output'\]"),
     ("table.tsv", "instruction\toutput\nSay hi.\thi\n", r"table.tsv: data must be a .jsonl file"),
+    ("extra.csv", "instruction,output\nSay hi.,hi,there\n", r"extra.csv, line 2: more values than the header has"),
+    ("silent.jsonl", '{"instruction": "Say nothing.", "output": " "}\n',
+     r"silent.jsonl, line 1: the answer is empty, so there is nothing to learn"),
+    ("huge.jsonl", '{"instruction": "Repeat.", "output": "' + "ab" * 600_000 + '"}\n',
+     r"huge.jsonl, line 1: a record of 1,200,0\d\d characters, more than any max_length holds"),
     ("number.jsonl", '{"instruction": "Count.", "output": 5}\n',
      r"number.jsonl, line 1: 'output' must be a string, found 5"),
     ("list.jsonl", "[1, 2]\n", r"list.jsonl, line 1: a record must be a JSON object"),
@@ -347,3 +352,23 @@ def test_a_hub_data_set_is_downloaded_then_checked_like_a_local_one(tmp_path, mo
         load_instructions("someone/sums")
     with pytest.raises(FileNotFoundError, match="data='sums': not a file or directory here, and not a hub data set"):
         load_instructions("sums")
+
+
+def test_a_byte_order_mark_and_an_upper_case_suffix_are_read_like_any_file(tmp_path):
+    (tmp_path / "excel.csv").write_text("instruction,output\nSay hi.,hi\n", encoding="utf-8-sig")
+    (tmp_path / "notepad.JSONL").write_text(GOOD + "\n", encoding="utf-8-sig")
+    for name in ("excel.csv", "notepad.JSONL"):
+        assert load_instructions(tmp_path / name, split="train")[0] == {"instruction": "Say hi.", "input": "",
+                                                                         "output": "hi"}
+
+
+def test_a_chat_template_that_refuses_a_role_is_named_in_one_line(base):
+    _, tokenizer = base
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
+                            "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}{{ m['content'] }}"
+                            "{% endfor %}")
+    record = {"messages": [{"role": "tool", "content": "42"}], "output": "ok"}
+    with pytest.raises(ValueError, match="the tokenizer's chat template refuses a conversation with the roles "
+                                         "\\['tool'\\] \\(unknown role tool\\): use the roles it knows"):
+        tokenize_record(record, strict)

@@ -62,7 +62,7 @@ def test_the_run_writes_its_resolved_settings_and_its_adapter_exports_to_peft_la
     assert record["settings"]["model"] == str(BASE_MODEL_DIR) and record["settings"]["train"]["steps"] == 120
     assert record["versions"]["torch"] == torch.__version__ and record["records"]["test"] == 300
     assert record["left_out_longer_than_max_length"] == {"train": 0, "validation": 0, "test": 0}
-    assert not [p.name for p in out.parent.iterdir() if ".partial-" in p.name], "no staging directory is left"
+    assert not list(out.glob(".partial-*")), "no staging directory is left"
     model, _ = load_model(RunConfig(quantize=False))
     load_adapter(model, out / "adapter")
     export_peft(model, tmp_path / "peft", AdaLoRAConfig(**read_adapter_meta(out / "adapter")["config"]))
@@ -269,6 +269,13 @@ BAD_TUNE_SETTINGS = [
     (["--model", "./no-such-checkpoint"], "model='./no-such-checkpoint'"),
     (["--model", "llama2"], "model='llama2': not a directory here, not a hub id 'owner/name'"),
     (["--data", "./no-such-file.jsonl"], "no such file or directory"),
+    (["--data", ""], "data='': leave it unset for the bundled set"),
+    (["--model", ""], "model='': pass a checkpoint directory"),
+    (["--model", str(BASE_MODEL_DIR / "config.json")], "config.json': pass a checkpoint directory (the one that"),
+    (["--seed", "-1"], "seed=-1: use 0 or a positive integer"),
+    (["--device", "banana"], "device='banana': use cpu or cuda"),
+    (["--output-dir", ""], "output_dir='': name a directory"),
+    (["--output-dir", str(BASE_MODEL_DIR / "config.json" / "run")], "config.json is a file, not a directory"),
 ]
 if not torch.cuda.is_available():
     BAD_TUNE_SETTINGS.append((["--device", "cuda"], "device='cuda': use cpu: torch sees no CUDA GPU here"))
@@ -282,7 +289,8 @@ def refuse_to_load(config):
 @pytest.mark.usefixtures("time_limit")
 def test_tune_refuses_a_bad_setting_in_one_line_before_loading_the_model(argv, named, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("minilora.tune.load_model", refuse_to_load)
-    assert main(["tune", *argv, "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    out = [] if "--output-dir" in argv else ["--output-dir", str(tmp_path)]
+    assert main(["tune", *argv, *out, "--no-progress"]) == 2
     error = capsys.readouterr().err.strip()
     assert named in error and "\n" not in error, error
     assert not any(tmp_path.iterdir()), "nothing is written for a refused run"
@@ -335,7 +343,7 @@ def test_an_earlier_run_is_kept_unless_overwrite_and_an_interrupted_run_leaves_i
     with pytest.raises(KeyboardInterrupt):
         run(RunConfig(**small, overwrite=True), progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging directory is left"
+    assert not list((tmp_path / "out").glob(".partial-*")), "no staging directory is left"
     monkeypatch.undo()
     run(RunConfig(**small, overwrite=True, merge=True), progress=False)
     assert (tmp_path / "out" / "merged").is_dir()
@@ -486,3 +494,33 @@ def test_a_gated_model_and_an_exhausted_gpu_say_what_to_do(monkeypatch, capsys, 
     error = capsys.readouterr().err.strip()
     assert "the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): lower --batch-size" in error
     assert "\n" not in error
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_anything_runs(monkeypatch, tmp_path):
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="gone is a broken link, not a directory"):
+        RunConfig(output_dir=str(tmp_path / "gone" / "out")).check()
+    monkeypatch.setattr("minilora.outputs.os.access", lambda path, mode: False)  # as a user without the right
+    with pytest.raises(ValueError, match=f"output_dir='{tmp_path}/new/out': {tmp_path} is not writable here"):
+        RunConfig(output_dir=str(tmp_path / "new" / "out")).check()
+
+
+def test_ctrl_c_and_a_diverging_loss_end_in_one_line(monkeypatch, capsys, tmp_path):
+    for raised, code, message in [(KeyboardInterrupt(), 130, "interrupted; results appear only when complete"),
+                                  (FloatingPointError("the loss became nan at step 3"), 2, "the loss became nan")]:
+        def stop(config, progress, raised=raised):
+            raise raised
+
+        monkeypatch.setattr("minilora.tune.run", stop)
+        assert main(["tune", "--output-dir", str(tmp_path / "out")]) == code
+        error = capsys.readouterr().err.strip()
+        assert message in error and "\n" not in error, error
+
+
+def test_a_stale_staging_directory_is_cleared_by_the_next_run(tmp_path):
+    stale = tmp_path / "out" / ".partial-killed"
+    stale.mkdir(parents=True)
+    (stale / "log.json").write_text("{half")
+    run(RunConfig(output_dir=str(tmp_path / "out"), eval_examples=2, method="lora",
+                  train=TrainSettings(steps=1, batch_size=2)), progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter", "log.json", "run.json"]
