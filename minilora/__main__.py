@@ -89,8 +89,8 @@ def cmd_tune(args):
     config.check()
     if args.dry_run:
         tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
-        splits, _ = prepared_splits(config, tokenizer)
-        print("records: " + ", ".join(f"{len(records):,} {name}" for name, (records, _) in splits.items()))
+        records, _, _ = prepared_splits(config, tokenizer)
+        print("records: " + ", ".join(f"{len(split):,} {name}" for name, split in records.items()))
         settings = asdict(config.resolved())
         settings.update(settings.pop("train"))
         for key, value in settings.items():

@@ -32,6 +32,7 @@ class RunSettings:
     adapter_bytes: int = 4  # adapters, their gradients and AdamW states are float32
     gradient_checkpointing: bool = True
     optimizer_resident_bytes: int | None = None  # PagedAdamW budget; None keeps every state resident
+    adalora: bool = True  # False: plain LoRA, no importance scores
     page_bytes: int | None = None  # PagedAdamW's page: each parameter's states fill whole pages; None: no rounding
     device: str = "cpu"  # "cpu": PagedAdamW's page pool shares the RAM with the rest, so the peak counts it
 
@@ -157,7 +158,7 @@ def plan_memory(config, settings=None):
         ("embeddings, head and norms", unquantized * s.base_bytes, "not quantized"),
         ("adapters", adapters, f"{adapter_params:,} trainable parameters"),
         ("gradients", adapters, "adapters only: the base is frozen"),
-        ("importance scores", 3 * adapters, "AdaLoRA: sensitivity, its average and its uncertainty"),
+        ("importance scores", 3 * adapters * s.adalora, "AdaLoRA: sensitivity, its average and its uncertainty"),
         ("optimizer states (resident)", resident, "AdamW: two moments per parameter, in pages"),
         ("optimizer states (paged out)", states - resident, "host memory, not on the compute device"),
         ("optimizer page pool", states, "PagedAdamW's home copy of every page; " + pool),

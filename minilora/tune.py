@@ -138,15 +138,17 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * min(1.0, step / (warmup + 1))
-        record = {"step": step, **accumulate(model, batches, settings.grad_accum, config, scale)}
-        while scale is not None and not unscaled(params, scale):  # float16 overflowed: again at half the scale
+        micro_batches = [next(batches) for _ in range(settings.grad_accum)]
+        record = {"step": step, **accumulate(model, micro_batches, config, scale)}
+        while scale is not None and not unscaled(params, scale):  # float16 overflowed: the same step, half the scale
             optimizer.zero_grad(set_to_none=True)
             scale /= 2
             if scale < 1:
                 raise FloatingPointError(f"step {step} overflows float16 even unscaled: compute in bfloat16 or "
                                          "float32, or lower the learning rate")
-            record = {"step": step, **accumulate(model, batches, settings.grad_accum, config, scale),
-                      "loss_scale": scale}
+            record = {"step": step, **accumulate(model, micro_batches, config, scale)}
+        if scale is not None:
+            record["loss_scale"] = scale
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
         optimizer.step()
         if allocator is not None:
@@ -169,17 +171,17 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
     return log
 
 
-def accumulate(model, batches, grad_accum, config=None, scale=None):
-    """Forward and backward over one optimizer step's micro-batches (each loss divided by grad_accum, so that the
+def accumulate(model, micro_batches, config=None, scale=None):
+    """Forward and backward over one optimizer step's micro-batches (each loss divided by their number, so that the
     gradients add up to the mean's); with an AdaLoRA config, the orthogonal penalty joins the last one's loss, so
-    one backward carries both. With float16 compute the loss is multiplied by `scale` first, so that small
-    gradients do not underflow to zero. Return the step's task loss (and penalty)."""
+    one backward carries both. With float16 compute the loss is multiplied by `scale` first, so that the small
+    gradients flowing back through the float16 layers do not round to zero. Return the task loss (and penalty)."""
     device = next(p for p in model.parameters() if p.requires_grad).device
-    task_loss, record = 0.0, {}
-    for micro in range(1, grad_accum + 1):
-        loss = model(**{k: v.to(device) for k, v in next(batches).items()}).loss / grad_accum
+    task_loss, record, count = 0.0, {}, len(micro_batches)
+    for micro, batch in enumerate(micro_batches, 1):
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / count
         task_loss += loss.item()
-        if config is not None and micro == grad_accum:
+        if config is not None and micro == count:
             penalty = orthogonal_penalty(model)
             record["orth"] = penalty.item()
             loss = loss + config.orth_reg_weight * penalty
@@ -295,6 +297,7 @@ class RunConfig:
         return RunSettings(batch_size=self.train.batch_size, seq_len=self.max_length,
                            target_modules=tuple(self.target_modules),
                            init_r=self.init_r if self.method == "adalora" else self.target_r,
+                           adalora=self.method == "adalora",
                            double_quant=self.double_quant, compute_bytes=compute_bytes, base_bytes=compute_bytes,
                            gradient_checkpointing=self.train.gradient_checkpointing,
                            optimizer_resident_bytes=self.train.resident_bytes, page_bytes=self.train.page_bytes,
@@ -351,15 +354,16 @@ def run(config, progress=True):
     """
     config.check()
     config = config.resolved()
+    # the tokenizer alone first (small, no weights): the data are checked before gigabytes of weights load
     tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
-    splits, left_out = prepared_splits(config, tokenizer)
+    records, features, left_out = prepared_splits(config, tokenizer)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model(config)
-    evaluate, validate = (evaluation(tokenizer, first(splits[name][0], config.eval_examples), config.max_length)
+    evaluate, validate = (evaluation(tokenizer, first(records[name], config.eval_examples), config.max_length)
                           for name in ("test", "validation"))
     before = evaluate(model)
     model, allocator = add_adapters(model, config)
-    batches = endless_batches(splits["train"][1], lambda rows: collate(rows, tokenizer.pad_token_id),
+    batches = endless_batches(features["train"], lambda rows: collate(rows, tokenizer.pad_token_id),
                               config.train.batch_size, config.train.seed)
     log = train(model, batches, config.train, allocator, evaluate=validate, progress=progress)
     after = evaluate(model)
@@ -374,7 +378,7 @@ def run(config, progress=True):
         else:
             save_lora(model, out / "adapter", config.target_modules, config.target_r, config.lora_alpha,
                       base_model=base)
-        write_run_record(out / RUN_FILE, config, records={name: len(s[0]) for name, s in splits.items()},
+        write_run_record(out / RUN_FILE, config, records={name: len(split) for name, split in records.items()},
                          left_out_longer_than_max_length=left_out)
         (out / "log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
         if config.merge:
@@ -384,23 +388,23 @@ def run(config, progress=True):
 
 
 def prepared_splits(config, tokenizer):
-    """The run's data as {split: (records, tokenized features)}, and {split: records left out}: the splits held
-    out (with_held_out), each record tokenized, records longer than max_length left out (fit_to_length) and a
-    line printed about them. A training split smaller than one batch is refused."""
+    """The run's data, {split: records}, {split: their tokenized features} and {split: how many were left out}: the
+    splits held out (with_held_out), each record tokenized, records longer than max_length left out (fit_to_length)
+    and a line printed about them. A training split smaller than one batch is refused."""
     splits = with_held_out(load_instructions(config.data), config.eval_examples, config.train.seed)
-    prepared, left_out = {}, {}
+    records, features, left_out = {}, {}, {}
     for name in ("train", "validation", "test"):
-        records, features, left_out[name], longest = fit_to_length(splits[name], tokenizer, config.max_length)
-        prepared[name] = records, features
+        records[name], features[name], left_out[name], longest = fit_to_length(splits[name], tokenizer,
+                                                                               config.max_length)
         if left_out[name]:
             print(f"max_length={config.max_length}: left out {left_out[name]} of {len(splits[name])} {name} records, "
                   f"longer than that (the longest has {longest} tokens); raise --max-length to keep them")
-    if len(prepared["train"][0]) < config.train.batch_size:
+    if len(records["train"]) < config.train.batch_size:
         raise ValueError(f"batch_size={config.train.batch_size} but the training split has only "
-                         f"{len(prepared['train'][0])} records (a single data file also gives up to eval_examples="
+                         f"{len(records['train'])} records (a single data file also gives up to eval_examples="
                          f"{config.eval_examples} of its records to validation and to test): lower the batch size, "
                          "or give more data")
-    return prepared, left_out
+    return records, features, left_out
 
 
 @torch.no_grad()

@@ -429,6 +429,9 @@ def test_a_float16_overflow_repeats_the_step_at_half_the_scale(tmp_path):
     scale = log[0]["loss_scale"]  # halved until float16 held the scaled gradients
     assert scale < 2.0**24 and math.log2(scale).is_integer()
     assert summary["final_budget"] == 4 * 28 and all(math.isfinite(r["grad_norm"]) for r in log)
+    scales = [r["loss_scale"] for r in log]
+    assert scales == sorted(scales, reverse=True) and all(math.log2(s).is_integer() for s in scales), \
+        "the scale only ever halves"
 
 
 def test_a_step_that_overflows_at_every_scale_ends_in_one_clear_error_not_a_loop(monkeypatch):
@@ -469,6 +472,8 @@ def test_the_plan_of_a_gpu_run_counts_the_base_in_its_compute_dtype_and_the_page
                 for device in ("cpu", "cuda"))
     assert gpu.bytes_of("embeddings, head and norms") * 2 == cpu.bytes_of("embeddings, head and norms")
     assert gpu.peak < cpu.peak - cpu.bytes_of("optimizer page pool")
+    lora = plan_memory(resolve_config("llama-2-7b"), RunConfig(method="lora").memory_settings())
+    assert lora.bytes_of("importance scores") == 0 and cpu.bytes_of("importance scores") > 0
     half = RunConfig(device="cuda", compute_dtype="float16").memory_settings()
     assert half.compute_bytes == 2 and RunConfig(device="cpu", compute_dtype="bfloat16").memory_settings().base_bytes \
         == 2
