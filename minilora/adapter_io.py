@@ -94,7 +94,8 @@ def base_model_reference(model, base_model):
     reference = base_model if base_model is not None else getattr(model, "name_or_path", None) or None
     if reference is None:
         return None
-    return str(Path(reference).resolve()) if Path(reference).is_dir() else str(reference)
+    directory = Path(reference).expanduser()
+    return str(directory.resolve()) if directory.is_dir() else str(reference)
 
 
 def save_adapter(model, directory, config, rank_pattern=None, base_model=None):

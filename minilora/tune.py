@@ -371,13 +371,12 @@ def run(config, progress=True):
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if allocator is not None:
         summary.update(final_budget=allocator.budget, ranks=allocator.ranks, rank_history=allocator.rank_history)
-    base = str(Path(config.model).expanduser().resolve()) if Path(config.model).expanduser().is_dir() else config.model
     with staged(config.output_dir, config.overwrite) as out:
         if allocator is not None:
-            save_adapter(model, out / "adapter", allocator.config, allocator.rank_pattern, base_model=base)
+            save_adapter(model, out / "adapter", allocator.config, allocator.rank_pattern, base_model=config.model)
         else:
             save_lora(model, out / "adapter", config.target_modules, config.target_r, config.lora_alpha,
-                      base_model=base)
+                      base_model=config.model)
         write_run_record(out / RUN_FILE, config, records={name: len(split) for name, split in records.items()},
                          left_out_longer_than_max_length=left_out)
         (out / "log.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1))
