@@ -135,8 +135,9 @@ def checked_records(located):
         if not record["output"].strip():
             raise ValueError(f"{where}: the answer is empty, so there is nothing to learn: fill it in or leave the "
                              "record out")
-        if len(format_prompt(record)[1]) > MAX_RECORD_CHARS:
-            raise ValueError(f"{where}: a record of {len(format_prompt(record)[1]):,} characters, more than any "
+        size = len(format_prompt(record)[1])
+        if size > MAX_RECORD_CHARS:
+            raise ValueError(f"{where}: a record of {size:,} characters, more than any "
                              f"max_length holds ({MAX_RECORD_CHARS:,} at most): split it or leave it out")
         kind = next(key for key in RECORD_KINDS if key in record)
         first_kind = first_kind or (kind, where)

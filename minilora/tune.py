@@ -194,7 +194,7 @@ def unscaled(params, scale):
     grads = [p.grad for p in params if p.grad is not None]
     for grad in grads:
         grad.div_(scale)
-    return all(bool(torch.isfinite(grad).all()) for grad in grads)
+    return bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())  # one device sync, not one each
 
 
 class AdaLoRACallback(TrainerCallback):

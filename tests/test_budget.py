@@ -212,13 +212,19 @@ def test_resume_mid_schedule_gives_the_uninterrupted_run():
         RankAllocator(torch.nn.ModuleDict({"other": TinySVD(4, 2)}), config()).load_state_dict(saved["alloc"])
 
 
-def test_step_without_gradients_says_when_to_call_it():
+def allocator_after_zero_grad(set_to_none):
+    """An allocator whose model took one optimizer step and then zero_grad(set_to_none): step() comes too late."""
     model, x, targets = make_task()
     allocator = RankAllocator(model, config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     loss_fn(model, x, targets).backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
+    return allocator
+
+
+def test_step_without_gradients_says_when_to_call_it():
+    allocator = allocator_after_zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match=r"layer0.P has no gradient: call allocator.step\(\) after optimizer.step"):
         allocator.step(0)
 
@@ -226,12 +232,7 @@ def test_step_without_gradients_says_when_to_call_it():
 def test_step_after_zero_grad_without_set_to_none_is_refused():
     """zero_grad(set_to_none=False) leaves every gradient at zero: the scores would all be zero and the masks would
     keep the first b triplets by position. The allocator refuses instead of pruning from nothing."""
-    model, x, targets = make_task()
-    allocator = RankAllocator(model, config())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    loss_fn(model, x, targets).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)
+    allocator = allocator_after_zero_grad(set_to_none=False)
     with pytest.raises(ValueError, match=r"step\(0\): every adapter gradient is zero, .*: call allocator\.step\("
                        r"global_step\) after optimizer\.step\(\) and before optimizer\.zero_grad\(\)"):
         allocator.step(0)
