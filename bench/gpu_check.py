@@ -21,13 +21,19 @@ one report.
    Reported as for minilora, and minilora / reference ratios (never absolute thresholds, as every bench here).
 3. The default tiny tune on the GPU: minilora.tune.run(RunConfig(device="cuda", train=TrainSettings(steps=300)))
    into a temporary directory: held-out loss and exact match before and after, and its wall time.
+4. Dequantizing one MLP projection (11008 x 4096, NF4 + double quantization) to the compute dtype: minilora's
+   vectorized dequantize_nf4, the same through torch.compile (compiled="inductor": one fused kernel), and
+   bitsandbytes' dequantize_4bit; the median of 20 calls each after 3 warm-up calls, as ratios to bitsandbytes,
+   and whether the compiled values are bit-identical to the eager ones.
 
 Each part runs after the previous one's model is freed; a part that fails is reported as FAILED (its traceback on
 stderr), the others still run, and the script exits with status 1.
 
 --reduced rehearses all of it on the CPU in under a minute, so that the script cannot rot without a GPU
 (tests/test_gpu_check.py runs it): bench/memory_plan.py's TINY Llama instead of 7B, 3 steps at batch 1 x 32
-tokens, float32 compute, bitsandbytes' CPU Linear4bit, the tiny tune with 2 steps and 4 evaluation examples.
+tokens, float32 compute, bitsandbytes' CPU Linear4bit, the tiny tune with 2 steps and 4 evaluation examples,
+and part 4 on the tiny model's MLP matrix compiled with the aot_eager backend (it traces the same graph as inductor
+but generates no code, so it needs no C compiler).
 Memory there is the peak resident set added (VmHWM, reset as bench/memory_plan.py does, glibc's mmap threshold
 fixed at 64 KiB as in bench/seven_b_cpu.py), not a CUDA counter; the times mean nothing.
 
@@ -61,6 +67,7 @@ MIB = 2**20
 LR = 2e-4  # QLoRA's learning rate for 7B; the weights are random, so it only has to keep the steps finite
 FULL = dict(model="llama-2-7b", seq_len=512, steps=20, tune_steps=300, tune_eval_examples=200)
 REDUCED = dict(model="memory_plan.TINY", seq_len=32, steps=3, tune_steps=2, tune_eval_examples=4)
+DEQUANTIZE_CALLS = 20
 
 
 # ---- the device: what it is, its memory record, its clock ----
@@ -257,6 +264,38 @@ def run_tiny_tune(device, steps, eval_examples):
         return {**summary, "seconds": time.perf_counter() - start}
 
 
+def timed_calls(function, device, calls=DEQUANTIZE_CALLS, warm_up=3):
+    """The median seconds of one call of function(), after warm_up calls (which include any compilation)."""
+    for _ in range(warm_up):
+        function()
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_dequantize(config, device, dtype, backend):
+    """One MLP projection's weight dequantized by minilora eager, minilora compiled, and bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+
+    from minilora.nf4 import dequantize_nf4, quantize_nf4
+
+    weight = torch.randn(config.intermediate_size, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    weight = weight.to(device, dtype)
+    ours = quantize_nf4(weight, double_quant=True)
+    theirs, state = bnbf.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    eager = dequantize_nf4(ours, dtype)
+    return {"shape": tuple(weight.shape), "backend": backend,
+            "identical": torch.equal(dequantize_nf4(ours, dtype, compiled=backend), eager),
+            "eager": timed_calls(lambda: dequantize_nf4(ours, dtype), device),
+            "compiled": timed_calls(lambda: dequantize_nf4(ours, dtype, compiled=backend), device),
+            "bitsandbytes": timed_calls(lambda: bnbf.dequantize_4bit(theirs, state), device)}
+
+
 # ---- the report ----
 
 def stack_lines(result, memory):
@@ -287,6 +326,16 @@ def tune_lines(summary):
     return [f"held-out loss: before {before['eval_loss']:.4f}, after {after['eval_loss']:.4f}",
             f"exact match: before {before['exact_match']:.1%}, after {after['exact_match']:.1%}",
             f"final budget: {summary['final_budget']} triplets; wall time: {summary['seconds']:.1f} s"]
+
+
+def dequantize_lines(result):
+    bnb = result["bitsandbytes"]
+    return [f"matrix {result['shape'][0]} x {result['shape'][1]}; median of {DEQUANTIZE_CALLS} calls; compiled values "
+            f"bit-identical to eager: {'yes' if result['identical'] else 'NO'}",
+            f"seconds per call: eager {result['eager']:.6f}, compiled ({result['backend']}) {result['compiled']:.6f}, "
+            f"bitsandbytes {bnb:.6f}",
+            f"minilora / bitsandbytes (same run): eager {result['eager'] / bnb:.3f}, "
+            f"compiled {result['compiled'] / bnb:.3f}"]
 
 
 def slug(text):
@@ -369,6 +418,13 @@ def main():
             sizes["tune_eval_examples"])
     if "tune" in results:
         emit(*tune_lines(results["tune"]))
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    section(f"4. dequantizing one MLP projection: minilora eager, compiled ({backend}), bitsandbytes", "dequantize",
+            run_dequantize, config, device, dtype, backend)
+    if "dequantize" in results:
+        emit(*dequantize_lines(results["dequantize"]))
+        if not results["dequantize"]["identical"]:
+            failed.append("dequantize (compiled values differ)")
     emit("", f"total wall time: {time.perf_counter() - begin:.1f} s",
          f"verdict: {'FAILED: ' + ', '.join(failed) if failed else 'every part ran'}")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -189,6 +189,9 @@ def add_run_options(parser, run):
     parser.add_argument("--device", default=run.device, help="cuda or cpu")
     parser.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"], default=run.compute_dtype,
                         help="None: float32 on a CPU, bfloat16 on a GPU that has it, else float16 (with loss scaling)")
+    parser.add_argument("--compile-dequantize", action="store_true", default=run.compile_dequantize,
+                        help="fuse each NF4 dequantization into one kernel with torch.compile (for a GPU; the first "
+                             "steps wait while it compiles)")
 
 
 COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,

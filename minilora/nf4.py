@@ -139,8 +139,8 @@ def map_blocks(n_blocks, blocksize, work, device, vectorized=None):
     split never changes a bit of the result. Two ways to split them:
     - vectorized (the default off the CPU): one call on the whole range, a handful of tensor operations however
       large the tensor. On a GPU every operation is a kernel launch with a fixed cost of microseconds, and
-      thousands of chunks would spend more time launching kernels than computing. (On CUDA, torch.compile could
-      fuse dequantization's gather and multiplication into one kernel; minilora does not do that.)
+      thousands of chunks would spend more time launching kernels than computing. (dequantize_nf4's compiled=
+      goes further: torch.compile fuses its gather and multiplication into one kernel.)
     - chunked (the default on the CPU, where it is several times faster): ranges of about CHUNK values, on a few
       threads. A chunk's temporaries stay in the cache, and torch runs each operation on it in the calling thread:
       the parallelism is ours, one thread per core.
@@ -225,10 +225,26 @@ def check_parts(q):
                              f"{tuple(q.shape)} and blocksize {q.blocksize}: its parts do not fit together; {redo}")
 
 
-def dequantize_nf4(q, dtype=None, vectorized=None):
+def nf4_values(packed, absmax, pairs, n, blocksize, dtype):
+    """dequantize_nf4's arithmetic as one expression over the whole tensor, for torch.compile to fuse: every byte's
+    two levels (pairs: float32 [256, 2]), the pad after an odd count dropped, times its block's constant, then
+    rounded once to dtype. Eager, it builds full-size temporaries; compiled, it is one kernel that writes the
+    output and nothing else."""
+    levels = pairs[packed.long()].view(-1)[:n]
+    return (levels * absmax.repeat_interleave(blocksize)[:n]).to(dtype)
+
+
+@cache
+def compiled_nf4_values(backend):
+    return torch.compile(nf4_values, backend=backend, fullgraph=True, dynamic=True)  # one graph for every size
+
+
+def dequantize_nf4(q, dtype=None, vectorized=None, compiled=None):
     """The tensor an NF4Tensor stands for: level × block absmax in float32 (eq. 2), then cast to dtype (by default
     the dtype it was quantized from), in its original shape. Bit-exact with bitsandbytes' CPU dequantize_4bit.
-    vectorized: as in quantize_nf4 (by default chunked on the CPU only); the same values either way."""
+    vectorized: as in quantize_nf4 (by default chunked on the CPU only); the same values either way.
+    compiled: a torch.compile backend ("inductor" fuses it into one kernel, worth it on a GPU) for nf4_values in
+    place of the steps below; the same values again, after a first call that compiles (seconds to a minute)."""
     if not isinstance(q, NF4Tensor):
         raise TypeError(f"dequantize_nf4 expects the NF4Tensor returned by quantize_nf4, got {type(q).__name__}")
     check_parts(q)
@@ -236,9 +252,12 @@ def dequantize_nf4(q, dtype=None, vectorized=None):
     if dtype not in DTYPES:
         raise TypeError(f"dequantize_nf4 can produce float32, bfloat16 or float16, not {dtype}")
     absmax, size, n = q.absmax, q.blocksize, q.shape.numel()
+    pairs = nf4_pair_levels(q.packed.device)
+    if compiled:
+        values = compiled_nf4_values(compiled)(q.packed, absmax, pairs.view(torch.float32).view(256, 2), n, size, dtype)
+        return values.view(q.shape)
     n_full = n // size
     out = torch.empty(n, dtype=dtype, device=q.packed.device)
-    pairs = nf4_pair_levels(q.packed.device)
 
     def dequantize_blocks(first, last):
         bytes_ = q.packed[first * size // 2 : last * size // 2].int()

@@ -36,14 +36,15 @@ class DequantizeMatmul(torch.autograd.Function):
     Linear4bit: a fused product-plus-bias rounds like theirs on any CPU, where a separate `+ bias` may not."""
 
     @staticmethod
-    def forward(ctx, x, quantized, dtype, bias):
-        ctx.quantized, ctx.dtype = quantized, dtype  # a reference to the stored codes, not a saved float tensor
-        return F.linear(x, dequantize_nf4(quantized, dtype), bias)
+    def forward(ctx, x, quantized, dtype, bias, compiled=None):
+        ctx.quantized, ctx.dtype, ctx.compiled = quantized, dtype, compiled  # codes by reference: no float tensor
+        return F.linear(x, dequantize_nf4(quantized, dtype, compiled=compiled), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        return grad_output @ dequantize_nf4(ctx.quantized, ctx.dtype), None, None, grad_bias
+        weight = dequantize_nf4(ctx.quantized, ctx.dtype, compiled=ctx.compiled)
+        return grad_output @ weight, None, None, grad_bias, None
 
 
 def nf4_to(quantized, device):
@@ -74,6 +75,7 @@ class NF4Linear(nn.Module):
                              f"{tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
+        self.compiled = None  # or a torch.compile backend for dequantize_nf4: see compile_dequantize
         weight = weight.detach().to(device)  # quantize where the layer will live: on a GPU, the GPU does the work
         self.quantized = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
         if bias is not None:
@@ -100,12 +102,23 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.quantized, self.compute_dtype)
 
     def forward(self, x):
-        return DequantizeMatmul.apply(x.to(self.compute_dtype), self.quantized, self.compute_dtype, self.bias)
+        x = x.to(self.compute_dtype)
+        return DequantizeMatmul.apply(x, self.quantized, self.compute_dtype, self.bias, self.compiled)
 
     def extra_repr(self):
         q = self.quantized
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={q.blocksize}, "
                 f"double_quant={q.double_quant}, stored_bytes={q.nbytes}, compute_dtype={self.compute_dtype}")
+
+
+def compile_dequantize(model, backend="inductor"):
+    """Dequantize every NF4 weight of model through torch.compile (dequantize_nf4's compiled=): on a GPU one fused
+    kernel per matrix in place of a few. The same values; the first steps wait while each weight shape compiles.
+    Returns model."""
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            module.compiled = backend
+    return model
 
 
 def default_compute_dtype(device):

@@ -36,7 +36,7 @@ from minilora.memory import LLAMA_PROJECTIONS, RunSettings
 from minilora.orthogonal import orthogonal_penalty
 from minilora.outputs import RUN_FILE, check_output_dir, staged, write_run_record
 from minilora.paged_optim import PagedAdamW
-from minilora.qlora import dequantize_model, load_quantized
+from minilora.qlora import compile_dequantize, dequantize_model, load_quantized
 from minilora.svd_adapter import SVDLinear
 
 
@@ -239,6 +239,7 @@ class RunConfig:
     double_quant: bool = True
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compute_dtype: str | None = None  # None: float32 on a CPU; on a GPU bfloat16, or float16 where it lacks bfloat16
+    compile_dequantize: bool = False  # torch.compile each NF4 dequantization: one kernel per matrix, for a GPU
     max_length: int = 96  # tokens per record (prompt, answer, end); longer records are left out and counted
     eval_examples: int = 200
     merge: bool = False  # also save the merged model (dequantized base + adapters) to output_dir/merged
@@ -268,6 +269,8 @@ class RunConfig:
              "use float32, bfloat16 or float16, or leave it unset for the device's best"),
             ("compute_dtype", not here or self.compute_dtype != "bfloat16" or self.device == "cpu"
              or torch.cuda.is_bf16_supported(), "this GPU has no bfloat16 (a T4, a V100): use float16"),
+            ("compile_dequantize", self.quantize or not self.compile_dequantize,
+             "only an NF4 base is dequantized: quantize it, or leave compile_dequantize off"),
         ])
         if self.method == "adalora" and self.train.steps < 2:
             raise ValueError(f"steps={self.train.steps}: AdaLoRA scores the adapters for at least one step before its "
@@ -457,6 +460,8 @@ def load_model(config):
     if config.quantize:
         model = load_quantized(source, config.target_modules, double_quant=config.double_quant,
                                compute_dtype=config.dtype(), device=config.device)
+        if config.compile_dequantize:
+            compile_dequantize(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=config.dtype()).to(config.device).eval()
     return model.requires_grad_(False), tokenizer

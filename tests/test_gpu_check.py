@@ -21,6 +21,8 @@ LABELS = [  # (a line's label, how many lines carry it): each must be followed b
     ("load peak memory:", 1),
     ("held-out loss:", 1),
     ("exact match:", 1),
+    ("seconds per call:", 1),
+    ("minilora / bitsandbytes (same run):", 1),
 ]
 
 
@@ -37,7 +39,9 @@ def test_the_reduced_gpu_check_runs_every_part_on_the_cpu(repo, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = output.read_text()
     for heading in ("date:", "device:", "versions: torch", "== 1. minilora", "== 2. reference",
-                    "== 3. the default tiny tune", "memory plan:", "minilora / reference", "verdict: every part ran"):
+                    "== 3. the default tiny tune", "== 4. dequantizing",
+                    "compiled values bit-identical to eager: yes", "memory plan:", "minilora / reference",
+                    "verdict: every part ran"):
         assert heading in report, f"no {heading!r} in the report:\n{report}"
     for label, lines in LABELS:
         found = numbers_after(report, label)

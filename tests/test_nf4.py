@@ -339,3 +339,29 @@ def test_vectorized_path_dispatches_a_few_operations_whatever_the_size(dtype, do
     for small_count, big_count in zip(counts[False, "small"], counts[False, "big"], strict=True):
         assert big_count > 8 * small_count, counts  # the chunked count grows with the chunks: 5 -> 65
     assert min(counts[False, "big"]) > OPS_BOUND, counts
+
+
+def test_compiled_dequantize_traces_one_graph_and_gives_the_same_bits():
+    """compiled= hands nf4_values to torch.compile whole (fullgraph=True: a break back into Python would raise). The
+    backend here records each graph and runs it as traced, where inductor would generate its kernel from it; the GPU
+    check (bench/gpu_check.py --device cuda) compiles it with inductor and compares the values again."""
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    generator = torch.Generator().manual_seed(11)
+    with torch._dynamo.config.patch(disable=False):  # this file's fixture turns compilation off for bitsandbytes
+        for shape, blocksize in (((96, 64), 64), ((33, 70), 64), ((4097,), 128)):  # then a partial block, odd count
+            for double_quant in (False, True):
+                q = quantize_nf4(torch.randn(shape, generator=generator), blocksize, double_quant)
+                for dtype in DTYPES:
+                    compiled = dequantize_nf4(q, dtype, compiled=recording)
+                    assert compiled.shape == q.shape and compiled.dtype == dtype
+                    assert torch.equal(compiled, dequantize_nf4(q, dtype)), (shape, double_quant, dtype)
+    assert 1 <= len(graphs) <= len(DTYPES), f"{len(graphs)} graphs: dynamic shapes should need one per dtype"
+    for graph in graphs:  # one graph holds the whole expression: the gather, the multiplication and the cast
+        calls = [node for node in graph.graph.nodes if node.op in ("call_function", "call_method")]
+        targets = " ".join(str(node.target) for node in calls)
+        assert "getitem" in targets and "mul" in targets and "to" in targets, targets

@@ -20,6 +20,7 @@ from minilora.nf4 import dequantize_nf4
 from minilora.qlora import (
     NF4Linear,
     checkpoint_tensors,
+    compile_dequantize,
     dequantize_model,
     empty_model,
     fill_quantized,
@@ -136,11 +137,35 @@ def test_backward_keeps_no_weight_and_gives_the_dequantized_gradient():
 def test_one_dequantization_in_forward_and_one_more_in_backward(monkeypatch):
     layer = NF4Linear.from_linear(nn.Linear(64, 32))
     calls = []
-    monkeypatch.setattr(qlora, "dequantize_nf4", lambda *args: calls.append(1) or dequantize_nf4(*args))
+    monkeypatch.setattr(qlora, "dequantize_nf4", lambda *args, **kw: calls.append(1) or dequantize_nf4(*args, **kw))
     layer(torch.randn(3, 64)).sum()  # an input without gradient (after a frozen embedding): forward only
     assert len(calls) == 1
     layer(torch.randn(3, 64, requires_grad=True)).sum().backward()
     assert len(calls) == 3, "backward dequantizes again instead of keeping the weight"
+
+
+def test_compiled_dequantization_gives_the_same_logits_and_gradients():
+    """compile_dequantize makes every NF4Linear dequantize through torch.compile, in forward and in backward; the
+    backend here runs the traced graph as it is (tests/test_nf4.py says why), so the values must not move a bit."""
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    results = []
+    for compiled in (False, True):
+        model = tiny_llama(seed=3)
+        quantize_model(model)
+        if compiled:
+            compile_dequantize(model, backend=recording)
+        embeddings = model.get_input_embeddings()
+        embeddings.weight.requires_grad_(True)  # a gradient that flows back through every NF4 layer
+        logits = model(TOKENS).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), embeddings.weight.grad))
+    assert graphs, "no dequantization went through torch.compile"
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_matches_an_nn_linear_holding_the_dequantized_weight():
