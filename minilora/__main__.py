@@ -1,6 +1,7 @@
 """Command line: `python -m minilora <command>` (run with --help for the list)."""
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def cmd_plan(args):
 def cmd_tune(args):
     from dataclasses import asdict
 
+    from minilora import distributed
     from minilora.data import BASE_MODEL_DIR, load_tokenizer
     from minilora.tune import model_directory, prepared_splits, run
 
@@ -97,12 +99,18 @@ def cmd_tune(args):
             print(f"{key:<24}{value}")
         print_plan(config)
         return 0
-    train = config.train
+    train, processes = config.train, int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it in each process
     ranks = f"AdaLoRA rank {config.init_r} -> {config.target_r}" if config.method == "adalora" else \
         f"LoRA rank {config.target_r}"
-    print(f"tuning {config.model} on {config.data or 'the bundled instruction set'} ({config.device}): {train.steps} "
-          f"optimizer steps of {train.batch_size} x {train.grad_accum} examples, {ranks}")
+    if os.environ.get("RANK", "0") == "0":
+        where = config.device if processes == 1 else f"{config.device}, {processes} processes"
+        print(f"tuning {config.model} on {config.data or 'the bundled instruction set'} ({where}): {train.steps} "
+              f"optimizer steps of {train.batch_size} x {train.grad_accum} examples{' each' * (processes > 1)}, "
+              f"{ranks}")
     _, summary = run(config, progress=not args.no_progress)
+    distributed.stop()
+    if summary is None:  # a process of a torchrun run other than the first: the first reports
+        return 0
     print(f"{'':<8}{'held-out loss':>14}{'exact match':>13}")
     for when in ("before", "after"):
         result = summary[when]
@@ -141,7 +149,12 @@ def add_tune_parser(sub, run):
     tune.add_argument("--data", default=run.data, help="a .jsonl, .json or .csv file, a directory of split files, or "
                                                        "a hub data set id (None: the bundled set)")
     tune.add_argument("--output-dir", default=run.output_dir, help="where the adapter, run.json and the log go")
-    tune.add_argument("--overwrite", action="store_true", help="replace an earlier run's results in OUTPUT_DIR")
+    tune.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier run's results (or an unfinished run's checkpoints) in OUTPUT_DIR")
+    tune.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                      help="continue the unfinished run in OUTPUT_DIR from its latest checkpoint, or from CHECKPOINT")
+    tune.add_argument("--checkpoint-every", type=int, default=train.checkpoint_every, metavar="N",
+                      help="save a checkpoint every N optimizer steps into OUTPUT_DIR/checkpoints (0: only on Ctrl-C)")
     tune.add_argument("--eval-examples", type=int, default=run.eval_examples,
                       help="held-out examples for loss and exact match")
     tune.add_argument("--merge", action="store_true", help="also save the merged model to OUTPUT_DIR/merged")
@@ -205,11 +218,12 @@ def main(argv=None):
     args = build_parser(recipe(name) if name in RECIPES else None).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupted:
         if getattr(args, "debug", False):
             raise
-        print(f"python -m minilora {args.command}: interrupted; results appear only when complete, so nothing was "
-              "written and an earlier run's results are as they were", file=sys.stderr)
+        saved = str(interrupted)  # training saved a checkpoint after the first Ctrl-C and says so
+        print(f"python -m minilora {args.command}: {saved or 'interrupted'}; results appear only when complete, so "
+              "none were written and an earlier run's results are as they were", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FloatingPointError, OutOfMemoryError) as error:  # the user's to fix
         if getattr(args, "debug", False):

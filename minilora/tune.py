@@ -10,16 +10,27 @@ Without an allocator the same loop trains plain LoRA adapters, for comparison.
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+from minilora import distributed
 from minilora.adalora import AdaLoRAConfig, add_adalora
 from minilora.adapter_io import save_adapter, save_lora
 from minilora.architectures import KNOWN, check_model_spec, download
+from minilora.checkpoints import (
+    Checkpointer,
+    check_checkpoints,
+    check_same_run,
+    find_checkpoint,
+    finish_step_on_ctrl_c,
+    load_checkpoint,
+)
 from minilora.data import (
     BASE_MODEL_DIR,
     IGNORE_INDEX,
@@ -57,6 +68,7 @@ class TrainSettings:
     warmup_ratio: float = 0.0  # the learning rate rises linearly over this fraction of the steps, then stays
     loss_scale: float | None = None  # float16 compute: multiply the loss by this, halved after an overflow
     seed: int = 0
+    checkpoint_every: int = 0  # save a checkpoint every this many optimizer steps (0: only on Ctrl-C)
 
     def check(self):
         """Refuse a setting that cannot train, naming it, its value and the fix (before anything heavy runs)."""
@@ -76,6 +88,7 @@ class TrainSettings:
             ("loss_scale", self.loss_scale is None or self.loss_scale >= 1,
              "leave it unset (float16 runs start at 65536) or use 1 or more"),
             ("seed", self.seed >= 0, "use 0 or a positive integer"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "use 0 (only on Ctrl-C) or a number of steps"),
         ])
 
 
@@ -99,26 +112,33 @@ def fitting_page_bytes(params, smallest=4096, largest=2**20, waste=0.125):
     return page
 
 
-def endless_batches(dataset, collate, batch_size, seed):
+def endless_batches(dataset, collate, batch_size, seed, skip=0):
     """Shuffled batches forever, reshuffled each epoch from one seeded generator (so runs repeat exactly). Every
-    batch is full, so the data set must hold at least one batch: with fewer records no batch would ever come."""
+    batch is full, so the data set must hold at least one batch: with fewer records no batch would ever come.
+    skip: leave out the first `skip` batches (a resumed run goes on where it stopped). In a run of several
+    processes, each gets every world_size-th batch, from its rank on: its own share of each step's."""
     if batch_size < 1 or len(dataset) < batch_size:
         raise ValueError(f"batch_size={batch_size} but the training split has {len(dataset)} records: use a batch "
                          "size from 1 to the number of training records, or give more training data")
-    generator = torch.Generator().manual_seed(seed)
+    generator, drawn = torch.Generator().manual_seed(seed), 0
     while True:
         order = torch.randperm(len(dataset), generator=generator).tolist()
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield collate([dataset[i] for i in order[start : start + batch_size]])
+            if drawn >= skip and drawn % distributed.world_size() == distributed.rank():
+                yield collate([dataset[i] for i in order[start : start + batch_size]])
+            drawn += 1
 
 
-def train(model, batches, settings, allocator=None, evaluate=None, progress=True):
+def train(model, batches, settings, allocator=None, evaluate=None, progress=True, checkpointer=None):
     """Train the adapters of `model` in place; return the log, one dict per optimizer step.
 
     `batches` is an iterator of model inputs with labels; `allocator` the RankAllocator from add_adalora (None
     trains plain LoRA: no penalty, no pruning), whose config.total_steps must equal settings.steps;
     `evaluate(model)` an optional function returning a dict of metrics, called every settings.eval_every steps
-    (its results go into that step's record).
+    (its results go into that step's record); `checkpointer` a minilora.checkpoints.Checkpointer that saves the
+    training state after some steps and restores a saved one first (then `batches` must go on from that step's).
+    Started by torchrun, each process trains its share of the batches and DistributedDataParallel averages the
+    gradients (minilora.distributed).
     """
     settings.check()
     config = allocator.config if allocator is not None else None
@@ -131,22 +151,25 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
                            resident_bytes=settings.resident_bytes)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log, scale = [], settings.loss_scale
+    trained = DistributedDataParallel(model) if distributed.active() else model  # averages the gradients
+    start, log, scale = 1, [], settings.loss_scale
+    if checkpointer is not None and checkpointer.state is not None:  # resuming: the saved step's state, restored
+        start, log, scale = checkpointer.restore(model, optimizer, allocator)
     warmup = round(settings.warmup_ratio * settings.steps)
-    bar = tqdm(range(1, settings.steps + 1), desc="tune", disable=not progress, leave=False)
+    bar = tqdm(range(start, settings.steps + 1), desc="tune", disable=not progress, leave=False)
     for step in bar:
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * min(1.0, step / (warmup + 1))
         micro_batches = [next(batches) for _ in range(settings.grad_accum)]
-        record = {"step": step, **accumulate(model, micro_batches, config, scale)}
+        record = {"step": step, **accumulate(trained, micro_batches, config, scale)}
         while scale is not None and not unscaled(params, scale):  # float16 overflowed: the same step, half the scale
             optimizer.zero_grad(set_to_none=True)
             scale /= 2
             if scale < 1:
                 raise FloatingPointError(f"step {step} overflows float16 even unscaled: compute in bfloat16 or "
                                          "float32, or lower the learning rate")
-            record = {"step": step, **accumulate(model, micro_batches, config, scale)}
+            record = {"step": step, **accumulate(trained, micro_batches, config, scale)}
         if scale is not None:
             record["loss_scale"] = scale
         record["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm).item()
@@ -154,7 +177,10 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
         if allocator is not None:
             allocator.step(step)
             record["budget"] = allocator.budget
+            if allocator.rank_history and allocator.rank_history[-1]["step"] == step:  # a mask was taken
+                distributed.same_everywhere(allocator.rank_pattern, f"the rank pattern at step {step}")
         optimizer.zero_grad(set_to_none=True)
+        record["loss"] = distributed.mean(record["loss"])  # over every process's micro-batches
         if evaluate is not None and settings.eval_every and step % settings.eval_every == 0:
             metrics = evaluate(model)
             record.update(metrics)
@@ -165,6 +191,8 @@ def train(model, batches, settings, allocator=None, evaluate=None, progress=True
                                      f"(now {settings.lr}) or the gradient clipping norm")
         log.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if checkpointer is not None:
+            checkpointer.after_step(step, log, scale, model, optimizer, allocator, settings.steps)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
@@ -179,13 +207,16 @@ def accumulate(model, micro_batches, config=None, scale=None):
     device = next(p for p in model.parameters() if p.requires_grad).device
     task_loss, record, count = 0.0, {}, len(micro_batches)
     for micro, batch in enumerate(micro_batches, 1):
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / count
-        task_loss += loss.item()
-        if config is not None and micro == count:
-            penalty = orthogonal_penalty(model)
-            record["orth"] = penalty.item()
-            loss = loss + config.orth_reg_weight * penalty
-        (loss if scale is None else loss * scale).backward()
+        last = micro == count
+        # under DistributedDataParallel the gradients are averaged over the processes in the last backward only
+        with nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss / count
+            task_loss += loss.item()
+            if config is not None and last:
+                penalty = orthogonal_penalty(model)
+                record["orth"] = penalty.item()
+                loss = loss + config.orth_reg_weight * penalty
+            (loss if scale is None else loss * scale).backward()
     return {"loss": task_loss, **record}
 
 
@@ -203,15 +234,33 @@ class AdaLoRACallback(TrainerCallback):
     Set TrainingArguments.max_steps to config.total_steps. Trainer counts optimizer steps in state.global_step,
     so gradient accumulation is handled. The penalty's gradient is added once per optimizer step, before the
     micro-batches (so it is clipped with them); the allocator runs after optimizer.step() and before zero_grad().
+    Each checkpoint Trainer saves in args.output_dir gets the allocator's state beside it (ALLOCATOR_FILE), and
+    `trainer.train(resume_from_checkpoint=...)` puts it back: the scores, pattern and history go on where they were.
     """
+
+    ALLOCATOR_FILE = "adalora_allocator.pt"
 
     def __init__(self, model, allocator):
         self.model, self.allocator, self.config = model, allocator, allocator.config
+
+    def saved_state(self, args, state):
+        return Path(args.output_dir) / f"checkpoint-{state.global_step}" / self.ALLOCATOR_FILE
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.max_steps != self.config.total_steps:
             raise ValueError(f"TrainingArguments.max_steps={args.max_steps} but AdaLoRAConfig.total_steps="
                              f"{self.config.total_steps}: set both to the number of optimizer steps")
+        if state.global_step > 0:  # Trainer resumed from its checkpoint of that step
+            path = self.saved_state(args, state)
+            if not path.is_file():
+                raise ValueError(f"resuming at step {state.global_step}, but {path} is missing: that checkpoint was "
+                                 "saved without AdaLoRACallback, so AdaLoRA's scores and pattern are lost; start again "
+                                 "without resume_from_checkpoint")
+            self.allocator.load_state_dict(torch.load(path, weights_only=True))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            torch.save(self.allocator.state_dict(), self.saved_state(args, state))
 
     def on_step_begin(self, args, state, control, **kwargs):
         (self.config.orth_reg_weight * orthogonal_penalty(self.model)).backward()
@@ -229,6 +278,7 @@ class RunConfig:
     data: str | None = None  # the bundled instruction set, a .jsonl/.json/.csv file or directory, or a hub data set
     output_dir: str = "runs/tune"
     overwrite: bool = False  # replace an earlier run's results in output_dir (else refused)
+    resume: str | None = None  # continue from a checkpoint: "latest" (output_dir's newest) or a checkpoint directory
     method: str = "adalora"  # or "lora": one fixed rank, target_r, on every layer (the same final budget)
     target_modules: tuple = LLAMA_PROJECTIONS
     init_r: int = 6
@@ -276,6 +326,7 @@ class RunConfig:
             raise ValueError(f"steps={self.train.steps}: AdaLoRA scores the adapters for at least one step before its "
                              "final mask, so it needs 2 optimizer steps or more (or use --method lora)")
         if here:
+            check_checkpoints(self.output_dir, self.resume, self.overwrite)
             check_output_dir(self.output_dir, self.overwrite)
 
     def dtype(self):
@@ -353,22 +404,38 @@ def run(config, progress=True):
     training (every config.train.eval_every steps, if set): the same on the validation split, into the log. With
     config.merge, the returned model is the merged one. Everything is checked before the model loads. The results
     (adapter/, run.json with the resolved settings, log.json, merged/) appear in output_dir only once all of them
-    are written.
+    are written. Checkpoints go to output_dir/checkpoints every config.train.checkpoint_every steps and after a
+    Ctrl-C, config.resume continues from one, and they are deleted when the results are in place. Under torchrun,
+    process 0 evaluates and writes, and the others return (model, None).
     """
     config.check()
-    config = config.resolved()
+    config = replace(config.resolved(), device=distributed.start(config.device))  # under torchrun, join the others
+    saved = None
+    if config.resume is not None:  # the checkpoint's settings are compared before anything heavy
+        saved = load_checkpoint(find_checkpoint(config.output_dir, config.resume))
+        check_same_run(saved["settings"], asdict(config))
     # the tokenizer alone first (small, no weights): the data are checked before gigabytes of weights load
     tokenizer = load_tokenizer(model_directory(config.model, weights=False) or BASE_MODEL_DIR)
     records, features, left_out = prepared_splits(config, tokenizer)
     torch.manual_seed(config.train.seed)
     model, tokenizer = load_model(config)
+    main = distributed.rank() == 0  # the process that evaluates and writes
     evaluate, validate = (evaluation(tokenizer, first(records[name], config.eval_examples), config.max_length)
                           for name in ("test", "validation"))
-    before = evaluate(model)
+    before = saved["before"] if saved else evaluate(model) if main else None
     model, allocator = add_adapters(model, config)
+    checkpointer = Checkpointer(config.output_dir, config.train.checkpoint_every, saved,
+                                context={"settings": asdict(config), "before": before})
+    if config.overwrite and main:
+        checkpointer.clear()  # an earlier run's, which this one replaces
+    consumed = saved["step"] * config.train.grad_accum * distributed.world_size() if saved else 0
     batches = endless_batches(features["train"], lambda rows: collate(rows, tokenizer.pad_token_id),
-                              config.train.batch_size, config.train.seed)
-    log = train(model, batches, config.train, allocator, evaluate=validate, progress=progress)
+                              config.train.batch_size, config.train.seed, skip=consumed)
+    with finish_step_on_ctrl_c(checkpointer):
+        log = train(model, batches, config.train, allocator, evaluate=validate if main else None,
+                    progress=progress and main, checkpointer=checkpointer)
+    if not main:
+        return model, None
     after = evaluate(model)
     summary = {"method": config.method, "before": before, "after": after,
                "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
@@ -386,6 +453,7 @@ def run(config, progress=True):
         if config.merge:
             merge_adapters(model).save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
+    checkpointer.clear()  # the results are in place: nothing is left to resume
     return model, summary
 
 

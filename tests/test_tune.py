@@ -273,6 +273,7 @@ BAD_TUNE_SETTINGS = [
     (["--model", ""], "model='': pass a checkpoint directory"),
     (["--model", str(BASE_MODEL_DIR / "config.json")], "config.json': pass a checkpoint directory (the one that"),
     (["--seed", "-1"], "seed=-1: use 0 or a positive integer"),
+    (["--checkpoint-every", "-1"], "checkpoint_every=-1: use 0 (only on Ctrl-C) or a number of steps"),
     (["--no-quantize", "--compile-dequantize"], "compile_dequantize=True: only an NF4 base is dequantized"),
     (["--device", "banana"], "device='banana': use cpu or cuda"),
     (["--output-dir", ""], "output_dir='': name a directory"),
