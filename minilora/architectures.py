@@ -1,8 +1,9 @@
 """Known model shapes, so that a run can be planned or rehearsed without downloading weights.
 
 `resolve_config("llama-2-7b")` gives the Llama-2-7B configuration (Touvron et al. 2023, arXiv 2307.09288,
-table 1: 32 layers, hidden 4096, MLP 11008, 32 heads, vocabulary 32000); a local directory or a hub id gives
-that checkpoint's own config.json.
+table 1: 32 layers, hidden 4096, MLP 11008, 32 heads, vocabulary 32000), and so for 13B and 70B (70B shares each
+key/value head among 8 query heads, grouped-query attention); a local directory or a hub id gives that
+checkpoint's own config.json.
 """
 
 import re
@@ -15,6 +16,8 @@ KNOWN = {
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
     "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                         num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
 }
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
