@@ -12,6 +12,7 @@ machine, thread count and number of processes), because every input of the next 
 """
 
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from minilora import distributed
+from minilora.outputs import RUN_FILE
 
 KEEP = 2
 STATE_FILE = "state.pt"
@@ -54,6 +56,9 @@ def find_checkpoint(output_dir, resume):
     """The checkpoint directory a run resumes from: resume="latest" takes output_dir's newest, else resume is one."""
     if resume == "latest":
         found = complete(checkpoints_dir(output_dir))
+        if not found and (Path(output_dir).expanduser() / RUN_FILE).exists():
+            raise ValueError(f"resume='latest': the run in {output_dir} finished (its results are there), so there "
+                             "is nothing to resume: start a new run in another directory, or pass --overwrite")
         if not found:
             raise ValueError(f"resume='latest': {checkpoints_dir(output_dir)} holds no complete checkpoint: run "
                              "without --resume to start, or name a checkpoint directory with --resume PATH")
@@ -100,7 +105,11 @@ def check_same_run(saved, settings):
 
 
 def load_checkpoint(path):
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ValueError(f"cannot read the checkpoint {path} ({type(error).__name__}: {str(error).splitlines()[0]}): "
+                         "resume from an earlier one with --resume PATH") from error
 
 
 def rng_states():

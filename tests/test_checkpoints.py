@@ -144,7 +144,20 @@ def test_an_unfinished_run_is_neither_restarted_nor_resumed_by_accident(unfinish
     assert "holds no complete checkpoint" in capsys.readouterr().err
     assert main([*common, "--output-dir", str(tmp_path), "--resume", str(tmp_path)]) == 2
     assert "not a checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text("{}")  # a finished run's results
+    assert main([*common, "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "finished (its results are there), so there is nothing to resume" in capsys.readouterr().err
     assert checkpoints.complete(unfinished / "checkpoints"), "refusals delete nothing"
+
+
+def test_an_unreadable_checkpoint_is_named_in_one_line(tmp_path, capsys):
+    broken = tmp_path / "checkpoints" / "step-000002"
+    broken.mkdir(parents=True)
+    (broken / checkpoints.STATE_FILE).write_bytes(b"not a checkpoint")  # a disk error, a copy cut short
+    assert main(["tune", "--steps", str(STEPS), "--batch-size", "4", "--eval-examples", "4", "--output-dir",
+                 str(tmp_path), "--no-progress", "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"cannot read the checkpoint {broken}" in error and "\n" not in error, error
 
 
 def test_a_half_written_checkpoint_is_never_the_latest(tmp_path):
@@ -229,6 +242,16 @@ def test_the_trainer_callback_saves_and_restores_the_allocator_with_trainer_chec
     for (name, a), (_, b) in zip(straight_model.named_parameters(), resumed_model.named_parameters(), strict=True):
         if a.requires_grad:
             assert torch.equal(a, b), name
+
+
+def test_a_trainer_checkpoint_without_the_allocator_is_refused(tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR, dtype=torch.float32)
+    model, allocator = add_adalora(model, AdaLoRAConfig(target_modules=["q_proj"], total_steps=STEPS))
+    (tmp_path / "checkpoint-4").mkdir()  # saved by a Trainer that had no AdaLoRACallback
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=STEPS, report_to=[], use_cpu=True)
+    state = transformers.TrainerState(global_step=4)
+    with pytest.raises(ValueError, match="adalora_allocator.pt is missing: that checkpoint was saved without"):
+        AdaLoRACallback(model, allocator).on_train_begin(args, state, transformers.TrainerControl())
 
 
 class StopAt(transformers.TrainerCallback):
