@@ -295,8 +295,8 @@ def test_clear_errors(tmp_path, monkeypatch):
         load_quantized(full)
     with pytest.raises(ValueError, match="'lm_head', the output head"):
         load_quantized(tiny_config(), target_modules=["lm_head"])
-    with pytest.raises(ValueError, match="'llama-2-70b'.*not a known architecture"):
-        load_quantized("llama-2-70b")
+    with pytest.raises(ValueError, match="'llama-2-34b'.*not a known architecture"):
+        load_quantized("llama-2-34b")
     wrong = tmp_path / "wrong"
     save_sharded(tiny_llama(), wrong)
     tiny_config(intermediate_size=160).save_pretrained(wrong)  # a config that does not match the weights
