@@ -56,7 +56,9 @@ class LoRALinear(nn.Module):
         return (self.B @ self.A) * self.scaling
 
     def forward(self, x):
-        out = self.base(x)  # a 4-bit base computes in its own dtype (bfloat16 on a GPU); the adapter in A's
+        # A 4-bit base computes in its own dtype (bfloat16 on a GPU); the adapter computes in A's dtype and its
+        # result is cast to the base output's dtype.
+        out = self.base(x)
         update = (self.dropout(x.to(self.A.dtype)) @ self.A.T @ self.B.T) * self.scaling
         return out + update.to(out.dtype)
 
