@@ -3,8 +3,9 @@
 """The SVD-shaped adapter of AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512), paper eq. 3.
 
 A frozen linear layer plus ΔW = P·diag(λ)·Q·scaling. Each triplet (column i of P, λ_i, row i of Q) adds one
-rank-one layer λ_i p_i q_iᵀ, so setting λ_i = 0 removes exactly one rank and setting it back restores it: rank
-becomes a switch that the budget scheduler (minilora.budget) can flip without touching P or Q.
+rank-one layer λ_i p_i q_iᵀ, so writing λ_i = 0 removes exactly one rank and deletes no parameter. The budget
+scheduler (minilora.budget) prunes that way, in place, keeping no copy; P and Q stay, and a pruned triplet can
+come back only through training: ∂L/∂λ_i = scaling · p_iᵀ G q_i (G = ∂L/∂ΔW) is in general not zero at λ_i = 0.
 """
 
 import torch
@@ -27,8 +28,9 @@ class SVDLinear(nn.Module):
     Args:
         base: the layer to adapt: an nn.Linear, or any module with in_features, out_features and a forward
             (a quantized linear layer, say). Its parameters are frozen.
-        r: the initial rank (number of triplets). Pruning never changes it, it only switches λ entries off.
-        lora_alpha: numerator of the scaling; scaling = lora_alpha / r. It is a plain attribute: peft uses
+        r: the initial rank (number of triplets). Pruning never changes it, it only sets λ entries to zero.
+        lora_alpha: numerator of the scaling; scaling = lora_alpha / r, for the initial r, also after pruning (as
+            in the authors' code and peft). It is a plain attribute: peft uses
             lora_alpha / (r + 1e-5), and callers that compare with peft set .scaling to that value.
         lora_dropout: dropout probability on the adapter's input (the base path sees x untouched).
         init: "adalora": λ = 0 and P, Q ~ N(0, 0.02²), so ΔW = 0 at step 0.
