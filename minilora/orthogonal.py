@@ -2,10 +2,11 @@
 # edit the notebook's `# graduate:` cells, then run `make graduate` (`make test` fails while they differ).
 """The orthogonal regularizer of AdaLoRA (Zhang et al., ICLR 2023, arXiv 2303.10512), paper eq. 4.
 
-R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F keeps the factors of every SVD adapter close to orthonormal, so that the
-triplets stay independent directions and a small λ_i really means a small part of ΔW, which is what pruning by
-importance assumes. peft 0.21 trains with the unsquared norms averaged over all P and Q matrices; that is the
-default here, the paper's squared sum is the option.
+R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F keeps the factors of every SVD adapter close to orthonormal, so that
+ΔW = PΛQ stays close to a singular value decomposition: the triplets are independent directions that neither
+cancel nor share, and switching triplets off removes exactly their λ² share of ΔW. The authors' code
+(compute_orth_regu in loralib, github.com/QingruZhang/AdaLoRA) trains with the unsquared norms averaged over all
+P and Q matrices, and peft 0.21 does the same; that is the default here, the paper's squared sum is the option.
 """
 
 import torch
@@ -22,7 +23,8 @@ def gram_gaps(adapter):
 def orthogonal_penalty(model, squared=False):
     """The orthogonality penalty of every SVDLinear in model (or of one SVDLinear), a scalar tensor with grad.
 
-    squared=False (peft 0.21): mean over all 2n matrices of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F, not squared.
+    squared=False (the authors' code, peft 0.21): mean over all 2n matrices of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F,
+    not squared.
     squared=True (paper eq. 4, summed over the n adapters): Σ_k ‖P_kᵀP_k − I‖²_F + ‖Q_kQ_kᵀ − I‖²_F.
     Training adds config.orth_reg_weight times this to the task loss.
     """
