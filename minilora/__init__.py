@@ -1,4 +1,4 @@
-"""minilora: QLoRA + AdaLoRA built from scratch. Each notebook in notebooks/ graduates one module here."""
+"""minilora: QLoRA + AdaLoRA built from scratch. The notebooks in notebooks/ graduate most of its modules (README)."""
 
 __version__ = "0.1.0"
 __all__ = ["AdaLoRAConfig", "add_adalora", "__version__"]

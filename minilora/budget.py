@@ -4,8 +4,10 @@
 and the global top-b(t) masking of singular values over all adapted matrices (eq. 8).
 
 Training has three phases: warm-up (t <= t_init, full budget b(0)), the budget phase (b(t) falls as a cubic and
-every delta_t steps only the b(t) most important triplets keep their singular value), and the final phase
-(t >= T - t_final: one last mask to b(T), then that pattern is frozen while P, lambda and Q keep training).
+every delta_t steps only the b(t) most important triplets keep their singular value), and the final phase:
+the final mask at t = T - t_final prunes to b(T), and after it (t > T - t_final) that pattern is frozen while P,
+lambda and Q keep training.
+RankAllocatorCore is the algorithm; RankAllocator adds the checks and the resume support a training run needs.
 """
 
 import operator
@@ -49,32 +51,22 @@ def top_b_mask(scores, budget):
     return keep
 
 
-class RankAllocator:
-    """Spends a shrinking rank budget on the SVD adapters of a model (AdaLoRA, eq. 8 and the cubic schedule).
+class RankAllocatorCore:
+    """The algorithm of AdaLoRA's rank allocation (eq. 8 and the cubic schedule), with no checks and no saving:
+    RankAllocator adds those and is the class to train with.
 
-    Call ``step(global_step)`` once per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``,
-    with global_step counting optimizer steps (0, 1, ..., at most total_steps). Only the singular values are
-    masked; P and Q keep training, so a triplet pruned in the budget phase can earn its place back.
+    step(global_step) goes once per optimizer step, after optimizer.step() and before zero_grad(). Only the
+    singular values are masked; P and Q keep training, so a triplet pruned in the budget phase can earn its place
+    back. budget_at (the schedule) and select (the masking rule) can be replaced by a subclass.
     """
 
     def __init__(self, model, config, tracker=None):
         self.adapters = svd_adapters(model)
-        if not self.adapters:
-            raise ValueError("the model has no SVD adapters (modules with P, lam, Q): call add_adalora first")
-        if config.delta_t < 1:
-            raise ValueError(f"delta_t={config.delta_t} must be at least 1 (mask every delta_t optimizer steps)")
         self.config = config
-        self.b0 = sum(module.lam.numel() for module in self.adapters.values())
-        self.bT = config.target_r * len(self.adapters)
-        if self.bT > self.b0:
-            raise ValueError(
-                f"target_r={config.target_r} exceeds the adapters' average initial rank "
-                f"({self.b0 / len(self.adapters):g}): choose target_r <= init_r"
-            )
+        self.b0 = sum(module.lam.numel() for module in self.adapters.values())  # every initial triplet
+        self.bT = config.target_r * len(self.adapters)  # target_r is an average rank
         self.final_step = config.total_steps - config.t_final
-        cubic_budget(0, self.b0, self.bT, config.t_init, config.t_final, config.total_steps)  # validates
         self.tracker = tracker if tracker is not None else ImportanceTracker(config.beta1, config.beta2)
-        self.last_step = None
         self.budget = self.b0
         self.finalized = False  # has the final mask been taken?
         self.rank_pattern = {name: [True] * module.lam.numel() for name, module in self.adapters.items()}
@@ -85,12 +77,20 @@ class RankAllocator:
         """{module name: number of kept triplets} of the current pattern."""
         return {name: sum(kept) for name, kept in self.rank_pattern.items()}
 
-    def step(self, global_step):
-        global_step = self._check_step(global_step)
+    def budget_at(self, global_step):
+        """b(t), the cubic schedule."""
         config = self.config
-        self.budget = cubic_budget(
-            global_step, self.b0, self.bT, config.t_init, config.t_final, config.total_steps
-        )
+        return cubic_budget(global_step, self.b0, self.bT, config.t_init, config.t_final, config.total_steps)
+
+    def select(self, scores):
+        """Eq. 8: given one tensor of triplet scores per adapter, keep the top b(t) of all of them together.
+        Returns one bool tensor per adapter."""
+        keep = top_b_mask(torch.cat(scores), self.budget)
+        return keep.split([s.numel() for s in scores])
+
+    def step(self, global_step):
+        config = self.config
+        self.budget = self.budget_at(global_step)
         if global_step < self.final_step:
             self._update_scores()
             if global_step > config.t_init and global_step % config.delta_t == 0:
@@ -102,6 +102,61 @@ class RankAllocator:
             self.tracker.reset()
         else:
             self._apply(self.rank_pattern)
+
+    def _update_scores(self):
+        for name, module in self.adapters.items():
+            for key in ("P", "lam", "Q"):
+                weight = getattr(module, key)
+                self.tracker.update(f"{name}.{key}", weight, weight.grad)
+
+    def _scores(self):
+        score = self.tracker.score
+        return [
+            triplet_score(score(f"{name}.P"), score(f"{name}.lam"), score(f"{name}.Q")) for name in self.adapters
+        ]
+
+    def _mask(self, global_step):
+        keep = self.select(self._scores())
+        pattern = {name: kept.tolist() for name, kept in zip(self.adapters, keep, strict=True)}
+        self._apply(pattern)
+        self.rank_pattern = pattern
+        self.rank_history.append({"step": global_step, "budget": self.budget, "ranks": self.ranks})
+
+    @torch.no_grad()
+    def _apply(self, pattern):
+        for name, module in self.adapters.items():
+            kept = torch.tensor(pattern[name], dtype=torch.bool, device=module.lam.device)
+            module.lam.masked_fill_(~kept.view_as(module.lam), 0.0)
+
+
+class RankAllocator(RankAllocatorCore):
+    """Spends a shrinking rank budget on the SVD adapters of a model (AdaLoRA, eq. 8 and the cubic schedule).
+
+    The algorithm of RankAllocatorCore, plus what a training run needs: the model and the config are checked when
+    it is built, every step() call is checked against the training-loop contract, and state_dict() and
+    load_state_dict() let a run stop and resume with the same result.
+
+    Call ``step(global_step)`` once per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``,
+    with global_step counting optimizer steps (0, 1, ..., at most total_steps).
+    """
+
+    def __init__(self, model, config, tracker=None):
+        super().__init__(model, config, tracker)
+        if not self.adapters:
+            raise ValueError("the model has no SVD adapters (modules with P, lam, Q): call add_adalora first")
+        if config.delta_t < 1:
+            raise ValueError(f"delta_t={config.delta_t} must be at least 1 (mask every delta_t optimizer steps)")
+        if self.bT > self.b0:
+            raise ValueError(
+                f"target_r={config.target_r} exceeds the adapters' average initial rank "
+                f"({self.b0 / len(self.adapters):g}): choose target_r <= init_r"
+            )
+        cubic_budget(0, self.b0, self.bT, config.t_init, config.t_final, config.total_steps)  # validates
+        self.last_step = None
+
+    def step(self, global_step):
+        global_step = self._check_step(global_step)
+        super().step(global_step)
         self.last_step = global_step
 
     def _check_step(self, global_step):
@@ -139,32 +194,6 @@ class RankAllocator:
                     "(zero_grad(set_to_none=False) fills the gradients with zeros)"
                 )
         return global_step
-
-    def _update_scores(self):
-        for name, module in self.adapters.items():
-            for key in ("P", "lam", "Q"):
-                weight = getattr(module, key)
-                self.tracker.update(f"{name}.{key}", weight, weight.grad)
-
-    def _scores(self):
-        score = self.tracker.score
-        return [
-            triplet_score(score(f"{name}.P"), score(f"{name}.lam"), score(f"{name}.Q")) for name in self.adapters
-        ]
-
-    def _mask(self, global_step):
-        scores = self._scores()
-        keep = top_b_mask(torch.cat(scores), self.budget).split([s.numel() for s in scores])
-        pattern = {name: kept.tolist() for name, kept in zip(self.adapters, keep, strict=True)}
-        self._apply(pattern)
-        self.rank_pattern = pattern
-        self.rank_history.append({"step": global_step, "budget": self.budget, "ranks": self.ranks})
-
-    @torch.no_grad()
-    def _apply(self, pattern):
-        for name, module in self.adapters.items():
-            kept = torch.tensor(pattern[name], dtype=torch.bool, device=module.lam.device)
-            module.lam.masked_fill_(~kept.view_as(module.lam), 0.0)
 
     def state_dict(self):
         return {

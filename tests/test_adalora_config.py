@@ -24,6 +24,21 @@ def test_defaults_and_resolved_schedule():
         AdaLoRAConfig(target_modules=["q"], total_steps=total)
 
 
+def test_defaults_are_peft_s_but_for_the_schedule():
+    """Notebook 04 prints the two side by side; peft's 0 / 0 warm-up and final phase are the only differences."""
+    import dataclasses
+
+    from peft import AdaLoraConfig
+
+    peft_names = {"init_r": "init_r", "target_r": "target_r", "t_init": "tinit", "t_final": "tfinal",
+                  "total_steps": "total_step", "delta_t": "deltaT", "beta1": "beta1", "beta2": "beta2",
+                  "orth_reg_weight": "orth_reg_weight", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout"}
+    ours = {f.name: f.default for f in dataclasses.fields(AdaLoRAConfig)}
+    theirs = {f.name: f.default for f in dataclasses.fields(AdaLoraConfig)}
+    assert {name for name, other in peft_names.items() if ours[name] != theirs[other]} == {"t_init", "t_final"}
+    assert (theirs["tinit"], theirs["tfinal"]) == (0, 0) and theirs["init_lora_weights"] is True
+
+
 @pytest.mark.parametrize(
     ("changes", "match"),
     [

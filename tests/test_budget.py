@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
 
-from minilora.budget import RankAllocator, cubic_budget, svd_adapters, top_b_mask
+from minilora.budget import RankAllocator, RankAllocatorCore, cubic_budget, svd_adapters, top_b_mask
 
 
 class TinySVD(torch.nn.Module):
@@ -148,6 +148,40 @@ def test_allocator_through_every_phase():
     for name, pattern in record[6]["pattern"].items():
         for i in [i for i, kept in enumerate(pattern) if not kept]:
             assert not torch.equal(record[6]["P"][name][:, i], record[8]["P"][name][:, i])
+
+
+def test_the_core_is_the_same_algorithm_without_the_checks():
+    """RankAllocator = RankAllocatorCore + checks + resume: on a correct loop both take the same masks."""
+    histories = []
+    for allocator_class in (RankAllocatorCore, RankAllocator):
+        model, x, targets = make_task()
+        allocator = allocator_class(model, config())
+        train(model, allocator, x, targets, range(40))
+        histories.append((allocator.rank_history, {name: m.lam.detach().clone() for name, m in model.items()}))
+    assert histories[0][0] == histories[1][0]
+    assert all(torch.equal(histories[0][1][name], histories[1][1][name]) for name in histories[0][1])
+    core = RankAllocatorCore(torch.nn.Linear(3, 3), config())  # the core trusts its caller: no adapters, no error
+    assert core.adapters == {} and not hasattr(core, "state_dict")
+
+
+def test_a_subclass_can_replace_the_schedule_and_the_masking_rule():
+    class LocalLinear(RankAllocator):
+        def budget_at(self, global_step):  # a straight line instead of the cubic, same phases
+            c = self.config
+            if global_step <= c.t_init or global_step > c.total_steps - c.t_final:
+                return super().budget_at(global_step)
+            progress = (global_step - c.t_init) / (c.total_steps - c.t_final - c.t_init)
+            return int(self.bT + (self.b0 - self.bT) * (1 - progress))
+
+        def select(self, scores):  # each adapter keeps its own share of the budget
+            return [top_b_mask(s, self.budget // len(scores)) for s in scores]
+
+    model, x, targets = make_task()
+    allocator = LocalLinear(model, config())
+    train(model, allocator, x, targets, range(40))
+    assert [e["budget"] for e in allocator.rank_history[:3]] == [11, 11, 10]  # the cubic gives 11, 9, 8
+    assert all(len(set(e["ranks"].values())) == 1 for e in allocator.rank_history)  # every adapter the same rank
+    assert allocator.ranks == {"layer0": 2, "layer1": 2, "layer2": 2}
 
 
 def test_no_crash_when_the_budget_never_shrinks():
