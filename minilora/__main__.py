@@ -181,7 +181,7 @@ def add_run_options(parser, run):
                         help="start from a named recipe's settings (qlora-7b: QLoRA's for a 7B model, with AdaLoRA); "
                              "options you give still win, and --help shows the recipe's values after --recipe")
     parser.add_argument("--model", default=run.model,
-                        help="checkpoint dir, hub id owner/name, or llama-2-7b / llama-2-13b (random weights)")
+                        help="checkpoint dir, hub id owner/name, or llama-2-7b / -13b / -70b (random weights)")
     parser.add_argument("--method", choices=["adalora", "lora"], default=run.method, help="lora: rank target_r")
     parser.add_argument("--target-modules", nargs="+", default=list(run.target_modules),
                         help="the layer types that get adapters (and NF4 weights)")
