@@ -6,10 +6,49 @@ A frozen linear layer plus ΔW = P·diag(λ)·Q·scaling. Each triplet (column i
 rank-one layer λ_i p_i q_iᵀ, so writing λ_i = 0 removes exactly one rank and deletes no parameter. The budget
 scheduler (minilora.budget) prunes that way, in place, keeping no copy; P and Q stay, and a pruned triplet can
 come back only through training: ∂L/∂λ_i = scaling · p_iᵀ G q_i (G = ∂L/∂ΔW) is in general not zero at λ_i = 0.
+SVDLinearCore is the algorithm; SVDLinear adds what a model needs (checks, devices and dtypes, a principal-SVD
+start, merging, pruned shapes) and is the class to use.
 """
 
 import torch
 from torch import nn
+
+
+class SVDLinearCore(nn.Module):
+    """base(x) + (dropout(x) Qᵀ diag(λ) Pᵀ)·scaling with the base layer frozen (AdaLoRA eq. 3): the algorithm
+    alone, with AdaLoRA's start and no checks. SVDLinear adds the rest and is the class to use."""
+
+    def __init__(self, base, r, lora_alpha, lora_dropout=0.0, device=None):
+        super().__init__()
+        self.base = base.requires_grad_(False)  # W(0) and b are never trained
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r = r  # the initial rank: pruning zeroes entries of λ, it never changes r ...
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r if r > 0 else 0.0  # ... nor the scaling (a rank-0 adapter adds nothing)
+        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # triplet i is (column i of P, lam[i], row i of Q)
+        self.P = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lam = nn.Parameter(torch.zeros(r, device=device))  # λ = 0: ΔW = 0 at the start
+        self.Q = nn.Parameter(torch.zeros(r, self.in_features, device=device))
+        self._init_triplets()
+
+    def _init_triplets(self):
+        """AdaLoRA's start (called once, by __init__): P, Q ~ N(0, 0.02²) around λ = 0, so that
+        ∂L/∂λ_i = scaling · p_iᵀ G q_i is not zero and training can move λ."""
+        nn.init.normal_(self.Q, mean=0.0, std=0.02)
+        nn.init.normal_(self.P, mean=0.0, std=0.02)
+
+    def delta_weight(self):
+        """ΔW = P diag(λ) Q · scaling, shaped like the base weight [out, in]."""
+        return self.P @ (self.Q * self.lam[:, None]) * self.scaling
+
+    def delta_output(self, x):
+        """What the adapter adds to the output: dropout(x) Qᵀ diag(λ) Pᵀ · scaling, without forming ΔW."""
+        return (self.dropout(x) @ (self.Q * self.lam[:, None]).T) @ self.P.T * self.scaling
+
+    def forward(self, x):
+        return self.base(x) + self.delta_output(x)
+
 
 INITS = ("adalora", "svd")
 
@@ -22,8 +61,10 @@ def _device_of(module):
     return torch.device(getattr(module, "device", "cpu"))
 
 
-class SVDLinear(nn.Module):
-    """base(x) + (dropout(x) Qᵀ diag(λ) Pᵀ)·scaling with the base layer frozen (AdaLoRA eq. 3).
+class SVDLinear(SVDLinearCore):
+    """base(x) + (dropout(x) Qᵀ diag(λ) Pᵀ)·scaling with the base layer frozen (AdaLoRA eq. 3): the algorithm of
+    SVDLinearCore, plus checked arguments, the base's device, any base dtype, a principal-SVD start, merge /
+    unmerge and pruned shapes.
 
     Args:
         base: the layer to adapt: an nn.Linear, or any module with in_features, out_features and a forward
@@ -39,34 +80,26 @@ class SVDLinear(nn.Module):
             weight is replaced by W − P diag(λ) Q · scaling, computed from the stored tensors: the layer's output
             is unchanged at step 0 (up to float32 rounding). This modifies base.weight in place.
 
-    Attributes: P [out, r], lam [r], Q [r, in] (Parameters), scaling (float), r (int), base, merged (bool).
+    Attributes: P [out, r], lam [r], Q [r, in] (Parameters), scaling (float), r (int), base, merged (bool),
+        init (str).
     """
 
     def __init__(self, base, r, lora_alpha, lora_dropout=0.0, init="adalora"):
-        super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}: use one of {INITS}")
         if r < 0:
             raise ValueError(f"r={r} must be >= 0 (the number of singular triplets)")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={lora_dropout} must be in [0, 1)")
-        self.base = base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r = int(r)
-        self.lora_alpha = lora_alpha
-        # a rank-0 adapter adds nothing, so its scaling is never used
-        self.scaling = lora_alpha / self.r if self.r > 0 else 0.0
-        self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.init = init  # read by _init_triplets, which SVDLinearCore.__init__ calls
+        super().__init__(base, int(r), lora_alpha, lora_dropout, device=_device_of(base))
         self.merged = False
-        device = _device_of(base)
-        self.P = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
-        self.lam = nn.Parameter(torch.zeros(self.r, device=device))
-        self.Q = nn.Parameter(torch.zeros(self.r, self.in_features, device=device))
-        if init == "adalora":
-            nn.init.normal_(self.Q, mean=0.0, std=0.02)
-            nn.init.normal_(self.P, mean=0.0, std=0.02)
-        else:
+
+    def _init_triplets(self):
+        if self.init == "svd":
             self._init_from_svd()
+        else:
+            super()._init_triplets()
 
     @torch.no_grad()
     def _init_from_svd(self):
@@ -88,17 +121,12 @@ class SVDLinear(nn.Module):
             )
         return weight.data
 
-    def delta_weight(self):
-        """ΔW = P diag(λ) Q · scaling, shaped like the base weight [out, in]."""
-        return self.P @ (self.Q * self.lam[:, None]) * self.scaling
-
     def forward(self, x):
         out = self.base(x)
         if self.merged:
-            return out
-        h = self.dropout(x.to(self.Q.dtype))
-        update = (h @ (self.Q * self.lam[:, None]).T) @ self.P.T
-        return out + (update * self.scaling).to(out.dtype)
+            return out  # ΔW is in the base weight already
+        # the adapter computes in its own dtype, the sum comes back in the base's
+        return out + self.delta_output(x.to(self.Q.dtype)).to(out.dtype)
 
     @torch.no_grad()
     def merge(self):
