@@ -41,10 +41,13 @@ class RunSettings:
 class MemoryPlan:
     """Rows of (component, bytes, note); `peak` is the predicted high-water mark of one training step: the
     components that persist, plus the larger of the two transient moments (see plan_memory), so it is less than
-    the sum of the rows."""
+    the sum of the rows. `at_peak` lists (component, bytes) of what is resident at that moment; they add up to
+    `peak`, and `moment` names it."""
 
     rows: list = field(default_factory=list)
     peak: int = 0
+    at_peak: list = field(default_factory=list)
+    moment: str = ""
 
     def bytes_of(self, component):
         return dict((name, size) for name, size, _ in self.rows)[component]
@@ -54,21 +57,6 @@ class MemoryPlan:
         for name, size, note in [*self.rows, ("predicted peak", self.peak, "resident at the worst moment")]:
             lines.append(f"{name:<34}{size:>16,}{size / 2**30:>9.3f}  {note}")
         return "\n".join(lines)
-
-
-def check_plannable(config, settings):
-    """Refuse what this plan cannot count: another architecture, a layer type a Llama layer lacks, a size below 1."""
-    missing = [key for key in ("intermediate_size", "num_key_value_heads") if not hasattr(config, key)]
-    if missing:
-        raise ValueError(f"the plan counts Llama-architecture models, and this {config.model_type} config has no "
-                         f"{missing[0]}: plan a Llama, Mistral or similar model")
-    unknown = sorted(set(settings.target_modules) - set(LLAMA_PROJECTIONS))
-    if unknown or not settings.target_modules:
-        raise ValueError(f"target_modules={list(settings.target_modules)}: name some of a Llama layer's projections, "
-                         f"{', '.join(LLAMA_PROJECTIONS)}")
-    small = [key for key in ("batch_size", "seq_len", "init_r", "blocksize") if getattr(settings, key) < 1]
-    if small:
-        raise ValueError(f"{small[0]}={getattr(settings, small[0])}: use a positive number")
 
 
 def linear_shapes(config):
@@ -167,8 +155,28 @@ def plan_memory(config, settings=None):
         ("dequantized weight (transient)", dequantized, "largest target matrix in the compute dtype"),
         ("gradients through a layer", flowing, "transient, during one layer's backward"),
     ])
-    steady = sum(size for name, size, _ in plan.rows[:7]) + (states if s.device == "cpu" else 0)
-    loss_moment = logits + activations - rebuilt
-    layer_moment = activations + dequantized + flowing
-    plan.peak = steady + max(loss_moment, layer_moment)
+    steady = [(name, size) for name, size, _ in plan.rows[:7]] + ([("optimizer page pool", states)]
+                                                                 if s.device == "cpu" else [])
+    loss_moment = [("activations", activations - rebuilt), ("logits and loss", logits)]
+    layer_moment = [("activations", activations), ("dequantized weight (transient)", dequantized),
+                    ("gradients through a layer", flowing)]
+    loss_first = sum(size for _, size in loss_moment) >= sum(size for _, size in layer_moment)
+    plan.moment = "the loss's backward" if loss_first else "a layer's backward"
+    plan.at_peak = steady + (loss_moment if loss_first else layer_moment)
+    plan.peak = sum(size for _, size in plan.at_peak)
     return plan
+
+
+def check_plannable(config, settings):
+    """Refuse what this plan cannot count: another architecture, a layer type a Llama layer lacks, a size below 1."""
+    missing = [key for key in ("intermediate_size", "num_key_value_heads") if not hasattr(config, key)]
+    if missing:
+        raise ValueError(f"the plan counts Llama-architecture models, and this {config.model_type} config has no "
+                         f"{missing[0]}: plan a Llama, Mistral or similar model")
+    unknown = sorted(set(settings.target_modules) - set(LLAMA_PROJECTIONS))
+    if unknown or not settings.target_modules:
+        raise ValueError(f"target_modules={list(settings.target_modules)}: name some of a Llama layer's projections, "
+                         f"{', '.join(LLAMA_PROJECTIONS)}")
+    small = [key for key in ("batch_size", "seq_len", "init_r", "blocksize") if getattr(settings, key) < 1]
+    if small:
+        raise ValueError(f"{small[0]}={getattr(settings, small[0])}: use a positive number")

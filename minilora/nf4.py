@@ -2,7 +2,8 @@
 # edit the notebook's `# graduate:` cells, then run `make graduate` (`make test` fails while they differ).
 """NF4: the 4-bit NormalFloat data type of QLoRA (Dettmers et al. 2023, arXiv 2305.14314), section 3.
 
-`nf4_table` builds the 16 levels from normal quantiles (eq. 4, built asymmetrically so that 0 is a level);
+`nf4_table` builds the 16 levels from normal quantiles as bitsandbytes' create_normal_map does (Φ⁻¹ at evenly spaced
+probabilities, 8 above zero and 7 below, so that 0 is a level; eq. 4 is the idea it implements);
 `quantize_nf4` divides each block of values by its absmax (eq. 1 with one constant per block), rounds to the
 nearest level and packs two 4-bit codes per byte; `dequantize_nf4` multiplies back (eq. 2). Codes, constants and
 dequantized values are bit for bit those of bitsandbytes' CPU path (quantize_4bit / dequantize_4bit, "nf4").
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # for the type hint only: minilora.double_quant imports this 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes supports
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NF4_OFFSET = 0.9677083  # ½((1 − 1/30) + (1 − 1/32)), rounded to 7 digits as in QLoRA's code
+NF4_OFFSET = 0.9677083  # typed in as in bitsandbytes' create_normal_map; equals ½((1 − 1/30) + (1 − 1/32)) to 7 digits
 NF4_TABLE_BYTES = 16 * 4  # the table is stored with the codes: 16 float32 levels
 TINY = 1e-38  # floor for an absmax, so that an all-zero block is scaled by a finite number
 CHUNK = 2**15  # values per chunk of work: temporaries stay in cache, torch runs each op on one thread

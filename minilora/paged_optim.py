@@ -5,7 +5,7 @@
 The update is Adam's (Kingma & Ba, 2015, Algorithm 1, eqs. 1-5 of notebook 07) with the weight decay taken out of
 the gradient and applied to the weights directly (decoupled weight decay, eq. 6). Every element of the update needs
 only its own weight, gradient and two state values, so the states can be cut into pages that live in a host pool
-and visit the compute device a few at a time, as QLoRA's paged optimizers do (Dettmers et al., 2023, section 2):
+and visit the compute device a few at a time, as QLoRA's paged optimizers do (Dettmers et al., 2023, section 3):
 at most `resident_bytes` of pages sit on the device, the least recently used page is evicted (written back first
 when it changed), and the pages needed next are prefetched. Taught in notebooks/07_paged_optimizer.ipynb.
 """

@@ -8,7 +8,8 @@ double-quantized constants (minilora.nf4, minilora.double_quant) and dequantized
 backward: no full-precision copy of it outlives one matmul, and it has no gradient (the base is frozen).
 
 load_quantized builds the model with shapes but no storage, then streams the checkpoint in tensor by tensor,
-quantizing each target weight as it arrives: the peak memory is the quantized model plus one tensor.
+quantizing each target weight as it arrives: the peak memory is about the quantized model plus one tensor (the
+rest is allocator and Python overhead, never a second copy of the model).
 Taught in notebooks/08_qlora_linear.ipynb.
 """
 
@@ -63,9 +64,10 @@ def nf4_to(quantized, device):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 (+ double quantization) and computed in compute_dtype.
 
-    Its forward is eq. 5's base term, y = x·doubleDequant(W_NF4)ᵀ + b, through DequantizeMatmul. The NF4 codes are
-    not a Parameter (they are not trainable and must not be cast to another float type), so `.to(device)` is
-    handled by `_apply`, and `.device` says where they live (SVDLinear puts its adapter there).
+    Its forward is eq. 5's base term, y = x·doubleDequant(W_NF4)ᵀ + b, through DequantizeMatmul. The NF4
+    record (uint8 codes, float32 constants) is a plain attribute: not Parameters (nothing trains it), not buffers
+    (`.half()` would cast the float32 constants), so `.to(device)` is handled by `_apply`, and `.device` says where
+    it lives (SVDLinear puts its adapter there).
     """
 
     def __init__(self, weight, bias=None, blocksize=64, double_quant=True, compute_dtype=torch.float32, device=None):
@@ -305,7 +307,7 @@ def load_quantized(model, target_modules=LLAMA_PROJECTIONS, blocksize=64, double
     files are downloaded first), a known architecture name such as "llama-2-7b", or a transformers config (the
     last two with random weights, for rehearsals and memory measurements). The model is built on the meta device
     (shapes, no storage); then tensors arrive one at a time, each target weight is quantized on `device` as it
-    arrives and the rest is stored in compute_dtype, so the peak is the quantized model plus one tensor.
+    arrives and the rest is stored in compute_dtype, so the peak is about the quantized model plus one tensor.
     compute_dtype defaults to float32 on a CPU and bfloat16 on a GPU.
     """
     config, tensors = open_source(model)

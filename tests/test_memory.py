@@ -53,3 +53,16 @@ def test_checkpointing_keeps_one_vector_per_layer_and_token():
     ratio = keep_all.bytes_of("activations") / checkpointed.bytes_of("activations")
     assert 3 < ratio < 32, "checkpointing saves most, but not all, activation memory"
     assert str(checkpointed).splitlines()[-1].startswith("predicted peak")
+
+
+def test_the_peak_is_what_is_resident_at_the_worst_moment_never_two_transients_at_once():
+    gpu = dict(device="cuda", compute_bytes=2, base_bytes=2)
+    for settings in (RunSettings(), RunSettings(**gpu), RunSettings(**gpu, batch_size=16)):
+        plan = plan_memory(LLAMA_7B, settings)
+        names = [name for name, _ in plan.at_peak]
+        assert sum(size for _, size in plan.at_peak) == plan.peak
+        assert not {"logits and loss", "dequantized weight (transient)"} <= set(names), "they never coexist"
+        assert ("optimizer page pool" in names) == (settings.device == "cpu"), "the pool is host memory on a GPU"
+    # one 512-token sequence: a layer's backward is the worst moment; 16 of them: the loss's (16 x 512 x 32000 logits)
+    assert plan_memory(LLAMA_7B, RunSettings(**gpu)).moment == "a layer's backward"
+    assert plan_memory(LLAMA_7B, RunSettings(**gpu, batch_size=16)).moment == "the loss's backward"

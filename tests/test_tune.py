@@ -29,6 +29,7 @@ from minilora.tune import (
     fitting_page_bytes,
     load_model,
     merge_adapters,
+    optimizer_step,
     recipe,
     run,
     train,
@@ -169,6 +170,29 @@ def test_loop_runs_the_whole_schedule_with_gradient_accumulation():
     assert [r["step"] for r in log] == list(range(1, 13))
     assert log[0]["budget"] == 16 and log[-1]["budget"] == allocator.budget == 8
     assert all(r["orth"] >= 0 for r in log)
+
+
+def test_one_optimizer_step_runs_the_allocator_after_the_update_and_before_zero_grad():
+    """optimizer_step, the loop's core: the allocator sees the updated weights and this step's gradients, with the
+    optimizer-step count; zero_grad comes last."""
+    model, allocator, data = tiny_model_and_batches(steps=12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = PagedAdamW(params, lr=1e-2, page_bytes=fitting_page_bytes(params))
+    before = [p.detach().clone() for p in params]
+    seen = []
+    real_step = allocator.step
+
+    def spying_step(step):
+        seen.append((step, all(p.grad is not None for p in params),
+                     any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))))
+        real_step(step)
+
+    allocator.step = spying_step
+    micro_batches = [collate(data[:2], 0), collate(data[2:4], 0)]
+    record, scale = optimizer_step(model, micro_batches, optimizer, TrainSettings(steps=12), 1, allocator)
+    assert seen == [(1, True, True)], "the allocator runs once, after optimizer.step(), with the gradients"
+    assert all(p.grad is None for p in params), "zero_grad comes after the allocator"
+    assert scale is None and record["step"] == 1 and record["budget"] == allocator.budget and "orth" in record
 
 
 def test_loop_refuses_a_miscounted_schedule():
