@@ -50,6 +50,43 @@ def cmd_student(args):
     return 0
 
 
+def cmd_label(args):
+    from minilora import workbook
+
+    for path in args.paths or sorted((REPO / "notebooks").glob("*.ipynb")):
+        changed = workbook.write_nbgrader_metadata(path)
+        print(f"{'labelled' if changed else 'up to date'}: {path}")
+    return 0
+
+
+def cmd_grade(args):
+    from minilora import workbook
+
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout {args.timeout}: a notebook needs some seconds to run; give a positive number, "
+                         "e.g. --timeout 900")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json}: its folder does not exist; create it, or name a file in an "
+                                "existing folder")
+    paths = workbook.gradable(args.paths)
+    width = max(len(str(path)) for path in paths)
+    print(f"{'notebook':<{width}}  {'exercise':<40}  {'points':>6}  {'result':<7}  message", flush=True)
+    rows = []
+    for path in paths:
+        for row in workbook.grade(path, timeout=args.timeout):
+            exercise = row["exercise"] if len(row["exercise"]) <= 40 else row["exercise"][:37] + "..."
+            print(f"{row['notebook']:<{width}}  {exercise:<40}  {row['earned']:>2g}/{row['possible']:<3g}  "
+                  f"{row['result']:<7}  {row['message']}".rstrip(), flush=True)
+            rows.append(row)
+    totals = workbook.grade_totals(rows)
+    print(f"total: {totals['earned']:g}/{totals['possible']:g} points; {totals['passed']} of {totals['exercises']} "
+          f"exercises passed, {totals['failed']} failed, {totals['not_run']} not run")
+    if args.json is not None:
+        workbook.write_json(args.json, {"exercises": rows, "totals": totals, "timeout_s": args.timeout})
+        print(f"wrote {args.json}")
+    return 0 if totals["passed"] == totals["exercises"] else 1
+
+
 def run_config(args):
     """The RunConfig of `tune` or `plan` options: the same names, the same defaults."""
     from dataclasses import fields
@@ -134,8 +171,24 @@ def build_parser(defaults=None):
     add_run_options(plan, defaults)
     stu = sub.add_parser("student", help="for instructors: write student editions (solutions removed) of the notebooks")
     stu.add_argument("--out", type=Path, default=REPO / "student")
+    grade = sub.add_parser("grade", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           help="for instructors and self-learners: run notebooks and report each exercise passed, "
+                                "failed or not run (exit status 0 only if every exercise passed)",
+                           description="Run each notebook in a fresh kernel, cell by cell, going on after a cell that "
+                                       "raises; an exercise passes when its check cell runs without error. Exit "
+                                       "status: 0 every exercise passed, 1 some did not, 2 bad input.")
+    grade.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                       help="notebook files, or directories (every *.ipynb in them)")
+    grade.add_argument("--timeout", type=int, default=900, metavar="SECONDS",
+                       help="seconds one notebook may run in all; exercises it did not reach are 'not run'")
+    grade.add_argument("--json", type=Path, default=None, metavar="FILE",
+                       help="also write the rows and totals to FILE as JSON (replacing it as a whole)")
+    grade.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     grad = sub.add_parser("graduate", help="for maintainers: write the package's taught modules from the notebooks")
     grad.add_argument("--check", action="store_true", help="only report modules that differ; exit 1 if any")
+    lab = sub.add_parser("label", help="for maintainers: write the nbgrader metadata of every exercise's solution "
+                                       "and check cells (all notebooks by default)")
+    lab.add_argument("paths", nargs="*", type=Path)
     nbs = sub.add_parser("notebooks", help="for maintainers: re-execute notebooks in place (all of them by default)")
     nbs.add_argument("paths", nargs="*", type=Path)
     return parser
@@ -208,7 +261,7 @@ def add_run_options(parser, run):
 
 
 COMMANDS = {"env": cmd_env, "plan": cmd_plan, "tune": cmd_tune, "graduate": cmd_graduate, "notebooks": cmd_notebooks,
-            "student": cmd_student}
+            "student": cmd_student, "grade": cmd_grade, "label": cmd_label}
 
 
 def main(argv=None):

@@ -58,23 +58,26 @@ def test_student_edition_hides_solutions_and_outputs(path):
         expected = workbook.PLACEHOLDER if workbook.is_solution(before) else before["source"]
         assert after["source"] == expected
     assert load(path) == original, "the committed notebook is not touched"
+    import nbformat
+
+    nbformat.validate(nbformat.from_dict(student))  # a valid notebook: JupyterLab opens it without complaint
 
 
 def test_unfooled_checks_reports_each_answer_a_check_accepts(tmp_path):
     """One kernel, three exercises: a sound check, one that a wrong answer fools, one that the placeholder fools."""
     import nbformat
 
-    def solution(source, wrong):
-        return nbformat.v4.new_code_cell(source, metadata={"tags": [workbook.SOLUTION_TAG], "wrong_answers": wrong})
+    def solution(source):
+        return nbformat.v4.new_code_cell(source, metadata={"tags": [workbook.SOLUTION_TAG]})
 
     cells = [nbformat.v4.new_code_cell("x = 3"),
-             solution("answer_1 = x * 2", ["answer_1 = x + 2"]), nbformat.v4.new_code_cell("assert answer_1 == 6"),
-             solution("answer_2 = x ** 2", ["answer_2 = x * 2", "answer_2 = 1 / 0"]),
-             nbformat.v4.new_code_cell("assert answer_2 > 5"),  # fooled by x * 2
-             solution("answer_3 = 4", []), nbformat.v4.new_code_cell("assert globals().get('answer_3', 4) == 4")]
+             solution("answer_1 = x * 2"), nbformat.v4.new_code_cell("assert answer_1 == 6"),
+             solution("answer_2 = x ** 2"), nbformat.v4.new_code_cell("assert answer_2 > 5"),  # fooled by x * 2
+             solution("answer_3 = 4"), nbformat.v4.new_code_cell("assert globals().get('answer_3', 4) == 4")]
+    wrong = {"ex1": ["answer_1 = x + 2"], "ex2": ["answer_2 = x * 2", "answer_2 = 1 / 0"]}
     path = tmp_path / "exercises.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=cells), path)
-    problems = workbook.unfooled_checks(path)
+    problems = workbook.unfooled_checks(path, wrong)
     assert len(problems) == 3, problems
     assert problems[0].startswith("cell 3: the check accepts wrong answer 1: 'answer_2 = x * 2'")
     assert problems[1].startswith("cell 3: wrong answer 2 raises by itself")
