@@ -25,14 +25,21 @@ lint: $(READY)
 # as on another reader's CPU; the stored notebook outputs and the oracle tests must pass under both.
 SECOND_FP_ENV := ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
 
-# Lint, the graduation (drift) check, then unit, oracle and end-to-end tests plus strict nbval over notebooks/,
-# then all of it again under the second floating-point environment (but the exercise checks' trials and the
-# graders' tests (ours and nbgrader's), which run notebooks once more and do not depend on it).
+# Tests whose outcome cannot depend on the floating-point environment: the exercise checks' trials and the graders'
+# tests (ours and nbgrader's) run notebooks once more to see checks pass or fail, the checkpoint and distributed
+# tests compare two runs made in the same environment, and the measured-memory tests read the RSS. They run once, and
+# the notebook-running ones two at a time (pytest-xdist, one thread each: a 2-core machine runs two kernels at once).
+ONCE := tests/test_exercises.py tests/test_grade.py tests/test_nbgrader.py
+SAME_ENV := tests/test_checkpoints.py tests/test_distributed.py tests/test_memory_measured.py
+
+# Lint, the graduation (drift) check, the tests that run once, then unit, oracle and end-to-end tests plus strict
+# nbval over notebooks/, then those again under the second floating-point environment (but the SAME_ENV ones).
 test: lint
 	$(BIN)/python -m minilora graduate --check
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 $(ONCE)
+	$(BIN)/python -m pytest $(addprefix --ignore=,$(ONCE))
 	@echo "== second pass: $(SECOND_FP_ENV)"
-	$(SECOND_FP_ENV) $(BIN)/python -m pytest --ignore=tests/test_exercises.py --ignore=tests/test_grade.py --ignore=tests/test_nbgrader.py
+	$(SECOND_FP_ENV) $(BIN)/python -m pytest $(addprefix --ignore=,$(ONCE) $(SAME_ENV))
 
 # Jupyter refuses root unless told; containers and cloud notebooks often run as root.
 lab: $(READY)
