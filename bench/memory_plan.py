@@ -84,23 +84,26 @@ def quiet():
     logging.disable_progress_bar()
 
 
-def train_briefly(config, batch_size, seq_len, steps, resident_bytes=None, report=None):
+def train_briefly(config, batch_size, seq_len, steps, resident_bytes=None, report=None, embeddings_dtype=None):
     """load_quantized, add_adalora, then `steps` optimizer steps as minilora.tune.train takes them: forward with
     gradient checkpointing, loss + γ·orthogonal penalty, backward, clipping, PagedAdamW, the rank allocator.
     (Written out here, not imported from minilora.tune, whose imports cost seconds that every measuring process
-    would pay.) report(stage), if given, is called after loading, after adding the adapters and after each step."""
+    would pay.) report(stage), if given, is called after loading, after adding the adapters and after each step.
+    embeddings_dtype: store the embeddings and head in it (qlora.store_embeddings_in); None keeps float32."""
     import torch
 
     from minilora.adalora import AdaLoRAConfig, add_adalora
     from minilora.memory import LLAMA_PROJECTIONS
     from minilora.orthogonal import orthogonal_penalty
     from minilora.paged_optim import PagedAdamW
-    from minilora.qlora import load_quantized
+    from minilora.qlora import load_quantized, store_embeddings_in
 
     report = report or (lambda stage: None)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator)
     model = load_quantized(config, LLAMA_PROJECTIONS)
+    if embeddings_dtype is not None:
+        store_embeddings_in(model, embeddings_dtype)
     report("loaded")
     adalora = AdaLoRAConfig(target_modules=list(LLAMA_PROJECTIONS), init_r=INIT_R, target_r=TARGET_R,
                             total_steps=steps, t_init=0, t_final=0)
@@ -168,15 +171,16 @@ def finish(process):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def planned(model, batch_size, seq_len, resident_bytes=None, device="cpu", dtype_bytes=4):
+def planned(model, batch_size, seq_len, resident_bytes=None, device="cpu", dtype_bytes=4, base_bytes=None):
     """plan_memory for the settings train_briefly uses (float32 on the CPU by default; a GPU run passes its device
-    type and the compute dtype's bytes); model is a name of MODELS or a config."""
+    type and the compute dtype's bytes; base_bytes: the embeddings' and head's, by default the compute dtype's);
+    model is a name of MODELS or a config."""
     from transformers import LlamaConfig
 
     from minilora.memory import RunSettings, plan_memory
 
     settings = RunSettings(batch_size=batch_size, seq_len=seq_len, init_r=INIT_R, double_quant=True,
-                           compute_bytes=dtype_bytes, base_bytes=dtype_bytes, gradient_checkpointing=True,
+                           compute_bytes=dtype_bytes, base_bytes=base_bytes or dtype_bytes, gradient_checkpointing=True,
                            page_bytes=PAGE_BYTES, device=device, optimizer_resident_bytes=resident_bytes)
     return plan_memory(LlamaConfig(**MODELS[model]) if isinstance(model, str) else model, settings)
 

@@ -2,8 +2,9 @@
 memory plan's prediction for the same settings.
 
 The model has random weights (load_quantized("llama-2-7b"): built on the meta device, each of the 224 projection
-matrices drawn, quantized to NF4 with double quantization and dropped, one at a time); embeddings, head and
-norms stay in float32. AdaLoRA (init_r 12, target_r 8) goes on all seven projections of every layer; the steps
+matrices drawn, quantized to NF4 with double quantization and dropped, one at a time); embeddings and head are
+stored in bfloat16 and computed in float32 (--no-bf16-embeddings: stored in float32), norms stay in float32.
+AdaLoRA (init_r 12, target_r 8) goes on all seven projections of every layer; the steps
 use batch 1, short sequences, gradient checkpointing, float32 compute and PagedAdamW with 64 KiB pages and a
 small resident budget (on a CPU the page pool and the resident pages are both RAM: without a budget the states
 would be held twice).
@@ -52,6 +53,40 @@ def fix_mmap_threshold(kib):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: this needs glibc; pass --mmap-threshold-kib 0")
 
 
+class Breakdown:
+    """Seconds spent dequantizing (dequantize_nf4, or dequantize_nf4_slab when the products go a slab at a time)
+    and in the rest of NF4Linear's products (the base matmuls, forward and backward), accumulated over a step by
+    wrapping the functions that do them."""
+
+    def __init__(self):
+        from minilora import qlora
+
+        self.dequantize = self.layer = 0.0
+        layer = qlora.DequantizeMatmul
+        dequantize, slab = qlora.dequantize_nf4, qlora.dequantize_nf4_slab
+        forward, backward = layer.forward, layer.backward
+
+        def timed(function, field):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    setattr(self, field, getattr(self, field) + time.perf_counter() - start)
+            return wrapper
+
+        qlora.dequantize_nf4 = timed(dequantize, "dequantize")
+        qlora.dequantize_nf4_slab = timed(slab, "dequantize")
+        layer.forward = staticmethod(timed(forward, "layer"))
+        layer.backward = staticmethod(timed(backward, "layer"))
+
+    def take(self, seconds):
+        """The split of a step that took `seconds`: (dequantize, matmul, rest); the counters start again."""
+        parts = (self.dequantize, self.layer - self.dequantize, seconds - self.layer)
+        self.dequantize = self.layer = 0.0
+        return parts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-2-7b", help="a known architecture or a directory with a config.json")
@@ -60,6 +95,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--resident-mib", type=int, default=16, help="PagedAdamW resident budget, MiB")
     parser.add_argument("--mmap-threshold-kib", type=int, default=64, help="glibc mmap threshold; 0: glibc default")
+    parser.add_argument("--bf16-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                        help="store embeddings and head in bfloat16 (computed in float32): qlora.store_embeddings_in")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.mmap_threshold_kib:
@@ -74,42 +111,52 @@ def main():
         torch.set_num_threads(args.threads)
     config = resolve_config(args.model)
     resident = args.resident_mib * 2**20
-    plan = planned(config, 1, args.seq_len, resident)
+    plan = planned(config, 1, args.seq_len, resident, base_bytes=2 if args.bf16_embeddings else 4)
     baseline = status_bytes("VmRSS")  # the interpreter, torch, transformers and minilora, imported
     lines = [f"machine: {machine()}",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, python {platform.python_version()}",
              f"{args.model} architecture, random weights; NF4 + double quantization on the 224 projections; AdaLoRA "
              f"init_r {INIT_R} target_r {TARGET_R} on all of them; batch 1 x {args.seq_len} tokens; gradient "
-             f"checkpointing; float32 compute; PagedAdamW page {PAGE_BYTES // 1024} KiB, resident budget "
-             f"{args.resident_mib} MiB; {args.steps} optimizer steps",
+             f"checkpointing; float32 compute; embeddings and head stored in "
+             f"{'bfloat16' if args.bf16_embeddings else 'float32'}; PagedAdamW page {PAGE_BYTES // 1024} KiB, "
+             f"resident budget {args.resident_mib} MiB; {args.steps} optimizer steps",
              "malloc: " + (f"glibc, mmap threshold fixed at {args.mmap_threshold_kib} KiB" if args.mmap_threshold_kib
                            else "glibc defaults"),
              f"RSS after imports: {baseline / GIB:.2f} GiB"]
     for line in lines:
         print(line, flush=True)
     stamps = {"start": time.perf_counter()}
+    breakdown, parts = Breakdown(), {}
 
     def report(stage):
         stamps[stage] = time.perf_counter()
         line = (f"{'after ' + str(stage) if isinstance(stage, str) else f'after step {stage}':<18} "
                 f"RSS {status_bytes('VmRSS') / GIB:6.2f} GiB, peak so far {status_bytes('VmHWM') / GIB:6.2f} GiB, "
                 f"{stamps[stage] - stamps['start']:7.1f} s since start")
+        if isinstance(stage, int):
+            parts[stage] = breakdown.take(stamps[stage] - stamps[stage - 1 if stage > 1 else "adapters"])
+            line += ": dequantize {:.1f} s, matmul {:.1f} s, rest {:.1f} s".format(*parts[stage])
+        else:
+            breakdown.take(0.0)
         lines.append(line)
         print(line, flush=True)
 
-    train_briefly(config, 1, args.seq_len, args.steps, resident_bytes=resident, report=report)
+    train_briefly(config, 1, args.seq_len, args.steps, resident_bytes=resident, report=report,
+                  embeddings_dtype=torch.bfloat16 if args.bf16_embeddings else None)
     peak = status_bytes("VmHWM")
-    later = [stamps[step] - stamps[step - 1] for step in range(2, args.steps + 1)]
-    seconds = sum(later) / len(later) if later else stamps[1] - stamps["adapters"]
+    later = range(2, args.steps + 1) if args.steps > 1 else [1]  # step 1 also pays first-use costs
+    seconds = [sum(parts[step][i] for step in later) / len(later) for i in range(3)]
     summary = [
-        f"peak resident memory: {peak / GIB:.2f} GiB (goal: at most 6 GiB)",
+        f"peak resident memory: {peak / GIB:.2f} GiB (goal: at most 5.0 GiB)",
         f"  of which the imports: {baseline / GIB:.2f} GiB; added by the run: {(peak - baseline) / GIB:.2f} GiB",
         f"memory plan's predicted peak for the same settings: {plan.peak / GIB:.2f} GiB added "
         f"(+ imports = {(plan.peak + baseline) / GIB:.2f} GiB); measured / planned = "
         f"{(peak - baseline) / plan.peak:.3f}",
         f"loading (random weights, 224 matrices quantized): {stamps['loaded'] - stamps['start']:.0f} s",
-        f"seconds per training step: {seconds:.1f} (mean of steps 2..{args.steps}; step 1: "
+        f"seconds per training step: {sum(seconds):.1f} (mean of steps {later[0]}..{later[-1]}; step 1: "
         f"{stamps[1] - stamps['adapters']:.1f} s)",
+        f"  dequantize (NF4 to the compute dtype) {seconds[0]:.1f} s, matmul (the rest of NF4Linear's forward and "
+        f"backward) {seconds[1]:.1f} s, the rest {seconds[2]:.1f} s",
         "",
         "memory plan:",
         str(plan),

@@ -10,6 +10,8 @@ dequantized values are bit for bit those of bitsandbytes' CPU path (quantize_4bi
 Double quantization of the constants (`double_quant=True`) is minilora.double_quant (notebook 06).
 """
 
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
@@ -26,7 +28,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NF4_OFFSET = 0.9677083  # typed in as in bitsandbytes' create_normal_map; equals ½((1 − 1/30) + (1 − 1/32)) to 7 digits
 NF4_TABLE_BYTES = 16 * 4  # the table is stored with the codes: 16 float32 levels
 TINY = 1e-38  # floor for an absmax, so that an all-zero block is scaled by a finite number
-CHUNK = 2**15  # values per chunk of work: temporaries stay in cache, torch runs each op on one thread
+CHUNK = 2**15  # values per chunk of quantization work: temporaries stay in cache, torch runs each op on one thread
+DECODE_CHUNK = 2**18  # values per chunk of dequantization: fewer, larger calls (measured faster than CHUNK)
 
 
 def nf4_table():
@@ -133,8 +136,8 @@ def pack_pairs(codes, out):
     torch.bitwise_or(pairs << 4, pairs >> 8, out=out)  # the low 8 bits are first << 4 | second
 
 
-def map_blocks(n_blocks, blocksize, work, device, vectorized=None):
-    """Call work(first, last) on ranges of blocks that together cover all n_blocks blocks.
+def map_blocks(n_blocks, blocksize, work, device, vectorized=None, chunk=CHUNK):
+    """Call work(first, last) on ranges of blocks that together cover all n_blocks blocks (of blocksize values).
 
     Each call computes its blocks the same way and writes only its own slice of the outputs, so how the blocks are
     split never changes a bit of the result. Two ways to split them:
@@ -142,16 +145,15 @@ def map_blocks(n_blocks, blocksize, work, device, vectorized=None):
       large the tensor. On a GPU every operation is a kernel launch with a fixed cost of microseconds, and
       thousands of chunks would spend more time launching kernels than computing. (dequantize_nf4's compiled=
       goes further: torch.compile fuses its gather and multiplication into one kernel.)
-    - chunked (the default on the CPU, where it is several times faster): ranges of about CHUNK values, on a few
-      threads. A chunk's temporaries stay in the cache, and torch runs each operation on it in the calling thread:
-      the parallelism is ours, one thread per core.
+    - chunked (the default on the CPU, where it is several times faster): ranges of about `chunk` values, on a few
+      threads. A chunk's temporaries stay in the cache, and the threads work on different chunks at once.
     """
     if vectorized is None:
         vectorized = device.type != "cpu"
     if vectorized:
         work(0, n_blocks)
         return
-    step = max(1, CHUNK // blocksize)
+    step = max(1, chunk // blocksize)
     starts = range(0, n_blocks, step)
     workers = min(len(starts), torch.get_num_threads())
     tasks = 1 if workers <= 1 else min(len(starts), 4 * workers)  # a few tasks per thread balance the load
@@ -163,8 +165,14 @@ def map_blocks(n_blocks, blocksize, work, device, vectorized=None):
     if tasks == 1:
         run(0)
         return
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(run, range(tasks)))  # list() re-raises a worker's error
+    list(thread_pool(workers, os.getpid()).map(run, range(tasks)))  # list() re-raises a worker's error
+
+
+@cache
+def thread_pool(workers, pid):
+    """Threads kept for the whole process (a new pid after a fork, whose child has no threads, gets new ones):
+    starting them on every call would cost more than the work on a small tensor."""
+    return ThreadPoolExecutor(workers)
 
 
 def quantize_nf4(w, blocksize=64, double_quant=False, vectorized=None):
@@ -259,19 +267,74 @@ def dequantize_nf4(q, dtype=None, vectorized=None, compiled=None):
         return values.view(q.shape)
     n_full = n // size
     out = torch.empty(n, dtype=dtype, device=q.packed.device)
-
-    def dequantize_blocks(first, last):
-        bytes_ = q.packed[first * size // 2 : last * size // 2].int()
-        if dtype == torch.float32:  # gather the levels straight into the output, then scale them there
-            values = out[first * size : last * size]
-            torch.index_select(pairs, 0, bytes_, out=values.view(torch.int64))
-            values.view(-1, size).mul_(absmax[first:last, None])
-        else:  # scale in float32, then round once to dtype
-            values = torch.index_select(pairs, 0, bytes_).view(torch.float32).view(-1, size)
-            out[first * size : last * size] = values.mul_(absmax[first:last, None]).view(-1)
-
-    map_blocks(n_full, size, dequantize_blocks, q.packed.device, vectorized)
+    decode_rows(q.packed[: n_full * size // 2].view(n_full, size // 2), absmax[:n_full, None],
+                out[: n_full * size].view(n_full, size), vectorized)
     if n_full * size < n:
         levels = torch.index_select(pairs, 0, q.packed[n_full * size // 2 :].int()).view(torch.float32)
         out[n_full * size :] = levels[: n - n_full * size] * absmax[-1]
     return out.view(q.shape)
+
+
+def decode_rows(packed, absmax, out, vectorized=None):
+    """Rows of whole blocks back to values: out[i, j] = the level of code j of row i × its block's absmax, in
+    float32, rounded once to out's dtype. packed: uint8 [rows, width / 2] (two codes per byte; any strides, so a
+    row may be a run of blocks from the middle of a weight's row), absmax: float32 [rows, blocks per row], out:
+    contiguous [rows, width]. Chunked on threads on the CPU (map_blocks), each thread reusing its own buffers."""
+    rows, width = out.shape
+    blocks = absmax.shape[1]
+    pairs = nf4_pair_levels(out.device)
+    vectorized = out.device.type != "cpu" if vectorized is None else vectorized
+    buffer = fresh_buffer if vectorized else thread_buffer
+
+    def decode(first, last):
+        count = last - first
+        index = buffer("index", count * width // 2, torch.int32, out.device)
+        index.view(count, width // 2).copy_(packed[first:last])  # bytes to indices: index_select needs int32
+        values = buffer("values", count * width, torch.float32, out.device)
+        torch.index_select(pairs, 0, index, out=values.view(torch.int64))  # both levels of each byte at once
+        values, scale = values.view(count, blocks, width // blocks), absmax[first:last, :, None]
+        target = out[first:last].view(count, blocks, width // blocks)
+        if out.dtype == torch.float32:
+            torch.mul(values, scale, out=target)
+        else:  # scale in float32, then round once
+            target.copy_(values.mul_(scale))
+
+    map_blocks(rows, width, decode, out.device, vectorized, DECODE_CHUNK)
+
+
+def fresh_buffer(name, numel, dtype, device):
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+THREAD_BUFFERS = threading.local()
+
+
+def thread_buffer(name, numel, dtype, device):
+    """A buffer of the calling thread, grown when needed and reused: allocating a chunk's temporaries afresh each
+    time costs page faults (glibc hands large blocks out as new pages) and is slower than the work on them."""
+    buffer = getattr(THREAD_BUFFERS, name, None)
+    if buffer is None or buffer.numel() < numel or buffer.device != device:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        setattr(THREAD_BUFFERS, name, buffer)
+    return buffer[:numel]
+
+
+def dequantize_nf4_slab(q, absmax, rows, columns, out):
+    """Write rows × columns (slices) of a 2-D NF4 weight whose rows hold whole blocks into out (contiguous, [rows,
+    columns] in the output dtype), given absmax = q.absmax (dequantized once by the caller for all its slabs).
+    Column bounds must fall on block boundaries. For products taken a slab at a time (minilora.qlora): the slab
+    is still in the cache when the matmul reads it, and no full-size copy of the weight is made."""
+    size = q.blocksize
+    if not slabs_fit(q) or columns.start % size or columns.stop % size:
+        raise ValueError(f"dequantize_nf4_slab: shape {tuple(q.shape)}, blocksize {size}, columns {columns.start}:"
+                         f"{columns.stop}: rows must be whole blocks and columns fall on block boundaries")
+    n_rows, n_columns = q.shape
+    blocks = slice(columns.start // size, columns.stop // size)
+    packed = q.packed.view(n_rows, n_columns // 2)[rows, columns.start // 2 : columns.stop // 2]
+    decode_rows(packed, absmax.view(n_rows, n_columns // size)[rows, blocks], out)
+    return out
+
+
+def slabs_fit(q):
+    """Whether dequantize_nf4_slab can cut q: a matrix whose rows hold whole blocks."""
+    return len(q.shape) == 2 and q.shape[1] % q.blocksize == 0

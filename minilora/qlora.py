@@ -27,25 +27,70 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from minilora.architectures import HUB_ID, KNOWN, download, resolve_config
 from minilora.lora import find_linear_targets, replace_module
 from minilora.memory import LLAMA_PROJECTIONS
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.nf4 import dequantize_nf4, dequantize_nf4_slab, quantize_nf4, slabs_fit
+
+SLAB = 2**20  # values of a weight dequantized at a time on a CPU: 4 MiB in float32, still in the cache for its matmul
 
 
 class DequantizeMatmul(torch.autograd.Function):
     """y = x·Wᵀ with W = doubleDequant(W_NF4) (eq. 5's base term). Backward dequantizes W again for
     ∂L/∂x = ∂L/∂y·W (notebook 08's eq. 7) instead of saving it: the graph keeps a reference to the 4-bit codes
     and nothing else (not even x, since the frozen W needs no gradient). The bias goes into the same call, as in
-    Linear4bit: a fused product-plus-bias rounds like theirs on any CPU, where a separate `+ bias` may not."""
+    Linear4bit: a fused product-plus-bias rounds like theirs on any CPU, where a separate `+ bias` may not.
+    On a CPU a weight of more than SLAB values is never dequantized whole: by_slabs says when, and the products
+    are taken a slab at a time (the same sums of the same products)."""
 
     @staticmethod
     def forward(ctx, x, quantized, dtype, bias, compiled=None):
         ctx.quantized, ctx.dtype, ctx.compiled = quantized, dtype, compiled  # codes by reference: no float tensor
+        if by_slabs(quantized, compiled):
+            return slab_forward(x, quantized, dtype, bias)
         return F.linear(x, dequantize_nf4(quantized, dtype, compiled=compiled), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        if by_slabs(ctx.quantized, ctx.compiled):
+            return slab_backward(grad_output, ctx.quantized, ctx.dtype), None, None, grad_bias, None
         weight = dequantize_nf4(ctx.quantized, ctx.dtype, compiled=ctx.compiled)
         return grad_output @ weight, None, None, grad_bias, None
+
+
+def by_slabs(quantized, compiled):
+    """Whether to take the products a slab at a time: on a CPU (on a GPU one dequantization and one product are
+    faster), for a matrix larger than one slab whose rows are whole blocks (Llama's all are)."""
+    return (not compiled and quantized.packed.device.type == "cpu" and slabs_fit(quantized)
+            and quantized.shape.numel() > SLAB)
+
+
+def slab_forward(x, quantized, dtype, bias):
+    """x·Wᵀ + b, a few rows of W at a time: output column j needs row j of W only, so each slab's columns are
+    the sums one product would compute. Slabs of 64 rows or a multiple keep the matmul's tiles where one product
+    over all rows has them: on the CPUs tried, the same bits (tests/test_qlora.py bounds the difference)."""
+    rows, columns = quantized.shape
+    step = max(1, SLAB // columns // 64) * 64
+    absmax, slab = quantized.absmax, torch.empty(step * columns, dtype=dtype)
+    parts = []
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        weight = slab[: (stop - start) * columns].view(stop - start, columns)
+        dequantize_nf4_slab(quantized, absmax, slice(start, stop), slice(0, columns), weight)
+        parts.append(F.linear(x, weight, None if bias is None else bias[start:stop]))
+    return torch.cat(parts, dim=-1)
+
+
+def slab_backward(grad_output, quantized, dtype):
+    """∂L/∂y·W, a few columns of W at a time (whole blocks): column k of the result needs column k of W only."""
+    rows, columns = quantized.shape
+    step = max(1, SLAB // rows // quantized.blocksize) * quantized.blocksize
+    absmax, slab = quantized.absmax, torch.empty(rows * step, dtype=dtype)
+    parts = []
+    for start in range(0, columns, step):
+        stop = min(start + step, columns)
+        weight = slab[: rows * (stop - start)].view(rows, stop - start)
+        dequantize_nf4_slab(quantized, absmax, slice(0, rows), slice(start, stop), weight)
+        parts.append(grad_output @ weight)
+    return torch.cat(parts, dim=-1)
 
 
 def nf4_to(quantized, device):
@@ -317,6 +362,53 @@ def load_quantized(model, target_modules=LLAMA_PROJECTIONS, blocksize=64, double
     if tensors is None:
         tensors = random_tensors(built, config, seed)
     return fill_quantized(built, tensors, target_modules, blocksize, double_quant, compute_dtype, device)
+
+
+class UpcastMatmul(torch.autograd.Function):
+    """y = x·Wᵀ for a frozen W stored in a narrower dtype than x, a slab of rows of W at a time cast to x's dtype;
+    backward ∂L/∂x = ∂L/∂y·W a slab of columns at a time. W is saved by reference and gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        step = max(1, SLAB // weight.shape[1] // 64) * 64
+        parts = [F.linear(x, weight[start : start + step].to(x.dtype)) for start in range(0, weight.shape[0], step)]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (weight,) = ctx.saved_tensors
+        step = max(1, SLAB // weight.shape[0] // 64) * 64
+        parts = [grad_output @ weight[:, start : start + step].to(grad_output.dtype)
+                 for start in range(0, weight.shape[1], step)]
+        return torch.cat(parts, dim=-1), None
+
+
+class UpcastLinear(nn.Module):
+    """A frozen linear layer without bias (a model's output head) stored in `dtype`, computed in its input's dtype."""
+
+    def __init__(self, linear, dtype):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("UpcastLinear takes a layer without bias (an output head)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+
+    def forward(self, x):
+        return UpcastMatmul.apply(x, self.weight)
+
+
+def store_embeddings_in(model, dtype=torch.bfloat16):
+    """Store model's input embeddings and output head in dtype, computing in the model's own dtype (frozen, as in
+    QLoRA). A model whose head is its embedding matrix (tie_word_embeddings) is returned as it is. Returns model."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        return model
+    embeddings = model.get_input_embeddings()
+    compute_dtype = embeddings.weight.dtype
+    embeddings.weight = nn.Parameter(embeddings.weight.detach().to(dtype), requires_grad=False)
+    embeddings.register_forward_hook(lambda module, args, output: output.to(compute_dtype))
+    model.set_output_embeddings(UpcastLinear(model.get_output_embeddings(), dtype))
+    return model
 
 
 def dequantize_model(model):

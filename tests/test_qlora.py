@@ -82,6 +82,35 @@ def test_same_outputs_and_input_gradients_as_linear4bit(bias):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_weight_larger_than_a_slab_gives_the_products_of_the_whole_weight(bias):
+    # On a CPU a weight of more than SLAB values is multiplied a slab at a time (rows forward, columns backward).
+    # Each output element is still one sum of the same K products; a BLAS library may order a sum differently for
+    # another number of columns, so the bound allows a reordered sum (|error| <= K u sum|x w| for each order). Where
+    # this was run (AVX2, and torch's scalar kernels with one thread) the bits were the same.
+    torch.manual_seed(0)
+    linear = nn.Linear(1280, qlora.SLAB // 1280 * 2 + 3, bias=bias)  # 3 slabs of rows forward, 2 of columns back
+    layer = NF4Linear.from_linear(linear)
+    assert qlora.by_slabs(layer.quantized, None) and not qlora.by_slabs(layer.quantized, "inductor")
+    whole = nn.Linear(1280, linear.out_features, bias=bias)
+    with torch.no_grad():
+        whole.weight.copy_(layer.dequantized_weight())
+        if bias:
+            whole.bias.copy_(layer.bias)
+    x = torch.randn(2, 3, 1280)
+    (y, grad_x), (y_whole, grad_x_whole) = forward_backward(layer, x), forward_backward(whole, x)
+    u, w = 2.0**-24, whole.weight.detach().abs()
+    upstream = torch.linspace(-1, 1, y.shape[-1]).abs()  # forward_backward's weights on the outputs
+    assert ((y - y_whole).abs() <= 2 * 1280 * u * (x.abs() @ w.T + 1)).all()
+    assert ((grad_x - grad_x_whole).abs() <= 2 * w.shape[0] * u * (upstream @ w)).all()
+
+
+def test_only_a_cpu_weight_whose_rows_are_whole_blocks_goes_by_slabs():
+    assert not qlora.by_slabs(NF4Linear(torch.randn(100, qlora.SLAB // 100 + 7)).quantized, None), "rows cut blocks"
+    assert not qlora.by_slabs(NF4Linear(torch.randn(64, 128)).quantized, None), "smaller than a slab"
+    assert not qlora.by_slabs(NF4Linear(torch.randn(2048, 1024)).to("meta").quantized, None), "not on a CPU"
+
+
 def test_a_bias_made_trainable_gets_its_gradient_through_the_fused_call():
     layer = NF4Linear.from_linear(nn.Linear(64, 32))
     layer.bias.requires_grad_(True)
