@@ -165,14 +165,14 @@ def map_blocks(n_blocks, blocksize, work, device, vectorized=None, chunk=CHUNK):
     if tasks == 1:
         run(0)
         return
-    list(thread_pool(workers, os.getpid()).map(run, range(tasks)))  # list() re-raises a worker's error
+    list(thread_pool(torch.get_num_threads(), os.getpid()).map(run, range(tasks)))  # list() re-raises an error
 
 
 @cache
-def thread_pool(workers, pid):
-    """Threads kept for the whole process (a new pid after a fork, whose child has no threads, gets new ones):
-    starting them on every call would cost more than the work on a small tensor."""
-    return ThreadPoolExecutor(workers)
+def thread_pool(threads, pid):
+    """Threads kept for the whole process, one pool per torch thread count (a new pid after a fork, whose child
+    has no threads, gets new ones): starting them on every call would cost more than the work on a small tensor."""
+    return ThreadPoolExecutor(threads)
 
 
 def quantize_nf4(w, blocksize=64, double_quant=False, vectorized=None):
@@ -290,14 +290,13 @@ def decode_rows(packed, absmax, out, vectorized=None):
         count = last - first
         index = buffer("index", count * width // 2, torch.int32, out.device)
         index.view(count, width // 2).copy_(packed[first:last])  # bytes to indices: index_select needs int32
-        values = buffer("values", count * width, torch.float32, out.device)
-        torch.index_select(pairs, 0, index, out=values.view(torch.int64))  # both levels of each byte at once
-        values, scale = values.view(count, blocks, width // blocks), absmax[first:last, :, None]
         target = out[first:last].view(count, blocks, width // blocks)
-        if out.dtype == torch.float32:
-            torch.mul(values, scale, out=target)
-        else:  # scale in float32, then round once
-            target.copy_(values.mul_(scale))
+        float32 = out.dtype == torch.float32  # then the levels go straight into out, else into a float32 buffer
+        values = target if float32 else buffer("values", count * width, torch.float32, out.device)
+        torch.index_select(pairs, 0, index, out=values.view(-1).view(torch.int64))  # both levels of a byte at once
+        values = values.view(count, blocks, width // blocks).mul_(absmax[first:last, :, None])
+        if not float32:
+            target.copy_(values)  # scaled in float32, rounded once
 
     map_blocks(rows, width, decode, out.device, vectorized, DECODE_CHUNK)
 

@@ -16,6 +16,7 @@ Taught in notebooks/08_qlora_linear.ipynb.
 import dataclasses
 import itertools
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,14 +45,18 @@ class DequantizeMatmul(torch.autograd.Function):
     def forward(ctx, x, quantized, dtype, bias, compiled=None):
         ctx.quantized, ctx.dtype, ctx.compiled = quantized, dtype, compiled  # codes by reference: no float tensor
         if by_slabs(quantized, compiled):
-            return slab_forward(x, quantized, dtype, bias)
+            return products_by_rows(x, quantized.shape, partial(dequantize_nf4_slab, quantized, quantized.absmax),
+                                    dtype, bias)
         return F.linear(x, dequantize_nf4(quantized, dtype, compiled=compiled), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
         if by_slabs(ctx.quantized, ctx.compiled):
-            return slab_backward(grad_output, ctx.quantized, ctx.dtype), None, None, grad_bias, None
+            q = ctx.quantized
+            grad_x = products_by_columns(grad_output, q.shape, partial(dequantize_nf4_slab, q, q.absmax), ctx.dtype,
+                                         q.blocksize)
+            return grad_x, None, None, grad_bias, None
         weight = dequantize_nf4(ctx.quantized, ctx.dtype, compiled=ctx.compiled)
         return grad_output @ weight, None, None, grad_bias, None
 
@@ -63,34 +68,36 @@ def by_slabs(quantized, compiled):
             and quantized.shape.numel() > SLAB)
 
 
-def slab_forward(x, quantized, dtype, bias):
-    """x·Wᵀ + b, a few rows of W at a time: output column j needs row j of W only, so each slab's columns are
-    the sums one product would compute. Slabs of 64 rows or a multiple keep the matmul's tiles where one product
-    over all rows has them: on the CPUs tried, the same bits (tests/test_qlora.py bounds the difference)."""
-    rows, columns = quantized.shape
+def products_by_rows(x, shape, fill, dtype, bias=None):
+    """x·Wᵀ + b for a W of `shape` that fill(rows, columns, out) writes into out a slab of rows at a time, in dtype:
+    output column j needs row j of W only, so each slab's columns are the sums one product would compute. Slabs
+    of 64 rows or a multiple keep the matmul's tiles where one product over all rows has them: on the CPUs tried,
+    the same bits (tests/test_qlora.py bounds the difference)."""
+    rows, columns = shape
     step = max(1, SLAB // columns // 64) * 64
-    absmax, slab = quantized.absmax, torch.empty(step * columns, dtype=dtype)
-    parts = []
+    slab = torch.empty(min(step, rows) * columns, dtype=dtype, device=x.device)
+    y = x.new_empty(*x.shape[:-1], rows)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         weight = slab[: (stop - start) * columns].view(stop - start, columns)
-        dequantize_nf4_slab(quantized, absmax, slice(start, stop), slice(0, columns), weight)
-        parts.append(F.linear(x, weight, None if bias is None else bias[start:stop]))
-    return torch.cat(parts, dim=-1)
+        fill(slice(start, stop), slice(0, columns), weight)
+        y[..., start:stop] = F.linear(x, weight, None if bias is None else bias[start:stop])
+    return y
 
 
-def slab_backward(grad_output, quantized, dtype):
-    """∂L/∂y·W, a few columns of W at a time (whole blocks): column k of the result needs column k of W only."""
-    rows, columns = quantized.shape
-    step = max(1, SLAB // rows // quantized.blocksize) * quantized.blocksize
-    absmax, slab = quantized.absmax, torch.empty(rows * step, dtype=dtype)
-    parts = []
+def products_by_columns(grad_output, shape, fill, dtype, multiple):
+    """∂L/∂y·W for the same W, a slab of columns at a time (starting at multiples of `multiple`: whole blocks):
+    column k of the result needs column k of W only."""
+    rows, columns = shape
+    step = max(1, SLAB // rows // multiple) * multiple
+    slab = torch.empty(rows * min(step, columns), dtype=dtype, device=grad_output.device)
+    grad_x = grad_output.new_empty(*grad_output.shape[:-1], columns)
     for start in range(0, columns, step):
         stop = min(start + step, columns)
         weight = slab[: rows * (stop - start)].view(rows, stop - start)
-        dequantize_nf4_slab(quantized, absmax, slice(0, rows), slice(start, stop), weight)
-        parts.append(grad_output @ weight)
-    return torch.cat(parts, dim=-1)
+        fill(slice(0, rows), slice(start, stop), weight)
+        grad_x[..., start:stop] = grad_output @ weight
+    return grad_x
 
 
 def nf4_to(quantized, device):
@@ -365,23 +372,22 @@ def load_quantized(model, target_modules=LLAMA_PROJECTIONS, blocksize=64, double
 
 
 class UpcastMatmul(torch.autograd.Function):
-    """y = x·Wᵀ for a frozen W stored in a narrower dtype than x, a slab of rows of W at a time cast to x's dtype;
-    backward ∂L/∂x = ∂L/∂y·W a slab of columns at a time. W is saved by reference and gets no gradient."""
+    """y = x·Wᵀ for a frozen W stored in a narrower dtype than x, a slab at a time cast to x's dtype (as
+    DequantizeMatmul's slabs), forward and backward. W is saved by reference and gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(weight)
-        step = max(1, SLAB // weight.shape[1] // 64) * 64
-        parts = [F.linear(x, weight[start : start + step].to(x.dtype)) for start in range(0, weight.shape[0], step)]
-        return torch.cat(parts, dim=-1)
+        return products_by_rows(x, weight.shape, partial(copy_slab, weight), x.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         (weight,) = ctx.saved_tensors
-        step = max(1, SLAB // weight.shape[0] // 64) * 64
-        parts = [grad_output @ weight[:, start : start + step].to(grad_output.dtype)
-                 for start in range(0, weight.shape[1], step)]
-        return torch.cat(parts, dim=-1), None
+        return products_by_columns(grad_output, weight.shape, partial(copy_slab, weight), grad_output.dtype, 64), None
+
+
+def copy_slab(weight, rows, columns, out):
+    out.copy_(weight[rows, columns])
 
 
 class UpcastLinear(nn.Module):
@@ -399,15 +405,21 @@ class UpcastLinear(nn.Module):
 
 
 def store_embeddings_in(model, dtype=torch.bfloat16):
-    """Store model's input embeddings and output head in dtype, computing in the model's own dtype (frozen, as in
-    QLoRA). A model whose head is its embedding matrix (tie_word_embeddings) is returned as it is. Returns model."""
-    if getattr(model.config, "tie_word_embeddings", False):
+    """Store model's input embeddings and output head in dtype, computing in the model's dtype at the time of the
+    call (frozen, as in QLoRA; the embedding's output is cast to it from then on, whatever .to() does later). A
+    model whose head is its embedding matrix (tie_word_embeddings), or whose head is already stored so, is returned
+    as it is. Returns model."""
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) or isinstance(head, UpcastLinear):
         return model
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        what = f"{type(head).__name__}{' with a bias' if isinstance(head, nn.Linear) else ''}"
+        raise ValueError(f"store_embeddings_in: the output head is {what}; it stores a bias-free nn.Linear head")
     embeddings = model.get_input_embeddings()
     compute_dtype = embeddings.weight.dtype
     embeddings.weight = nn.Parameter(embeddings.weight.detach().to(dtype), requires_grad=False)
     embeddings.register_forward_hook(lambda module, args, output: output.to(compute_dtype))
-    model.set_output_embeddings(UpcastLinear(model.get_output_embeddings(), dtype))
+    model.set_output_embeddings(UpcastLinear(head, dtype))
     return model
 
 

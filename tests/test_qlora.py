@@ -19,6 +19,7 @@ from minilora.memory import LLAMA_PROJECTIONS, nf4_bytes
 from minilora.nf4 import dequantize_nf4
 from minilora.qlora import (
     NF4Linear,
+    UpcastLinear,
     checkpoint_tensors,
     compile_dequantize,
     dequantize_model,
@@ -28,6 +29,7 @@ from minilora.qlora import (
     module_bytes,
     quantize_model,
     read_safetensors,
+    store_embeddings_in,
 )
 from minilora.svd_adapter import SVDLinear
 
@@ -103,6 +105,39 @@ def test_a_weight_larger_than_a_slab_gives_the_products_of_the_whole_weight(bias
     upstream = torch.linspace(-1, 1, y.shape[-1]).abs()  # forward_backward's weights on the outputs
     assert ((y - y_whole).abs() <= 2 * 1280 * u * (x.abs() @ w.T + 1)).all()
     assert ((grad_x - grad_x_whole).abs() <= 2 * w.shape[0] * u * (upstream @ w)).all()
+
+
+def test_a_bfloat16_head_larger_than_a_slab_gives_the_float32_products_of_its_values():
+    torch.manual_seed(0)
+    head = nn.Linear(512, 3000, bias=False)  # 1.5 slabs: two slabs of rows forward, two of columns backward
+    stored = UpcastLinear(head, torch.bfloat16)
+    assert stored.weight.dtype == torch.bfloat16 and not stored.weight.requires_grad
+    rounded = stored.weight.float()
+    x = torch.randn(2, 3, 512, requires_grad=True)
+    y = stored(x)
+    upstream = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, upstream)
+    u = 2.0**-24  # the same sums in possibly another order: |difference| <= 2 K u sum|terms|
+    assert y.dtype == torch.float32
+    assert ((y - x @ rounded.T).abs() <= 2 * 512 * u * (x.abs() @ rounded.abs().T)).all()
+    assert ((grad_x - upstream @ rounded).abs() <= 2 * 3000 * u * (upstream.abs() @ rounded.abs())).all()
+    with pytest.raises(ValueError, match="without bias"):
+        UpcastLinear(nn.Linear(4, 4), torch.bfloat16)
+
+
+def test_store_embeddings_in_leaves_a_model_it_cannot_store_as_it_was_and_runs_once():
+    model = tiny_llama()
+    model.lm_head.bias = nn.Parameter(torch.zeros(model.config.vocab_size))
+    with pytest.raises(ValueError, match="Linear with a bias"):
+        store_embeddings_in(model)
+    assert model.get_input_embeddings().weight.dtype == torch.float32, "nothing changed before the refusal"
+    model = store_embeddings_in(tiny_llama())
+    head = model.lm_head
+    assert store_embeddings_in(model).lm_head is head, "a second call changes nothing"
+    assert model(TOKENS).logits.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    assert store_embeddings_in(tied).lm_head.weight.dtype == torch.float32
 
 
 def test_only_a_cpu_weight_whose_rows_are_whole_blocks_goes_by_slabs():
