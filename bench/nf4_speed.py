@@ -10,6 +10,10 @@ the table reports the best wall time of each and the ratios other / minilora (> 
 timing, every case checks that minilora and bitsandbytes produce the same codes and, without double quantization,
 the same values; with it, bitsandbytes' CPU 8-bit quantizer picks another code for a fraction of the block
 constants (notebook 06), so a small fraction of the dequantized values differ (< 1% is checked).
+minilora's dequantize_nf4 asks Linux to back its new output with 2 MiB pages (minilora.nf4.empty_on_huge_pages);
+bitsandbytes' output is a plain torch.empty, whose every 4 KiB page costs a page fault when first written. The
+"mini out" column times minilora's arithmetic alone, into an output that already exists. To give every large
+allocation huge pages, bitsandbytes' output included, run with PyTorch's own switch THP_MEM_ALLOC_ENABLE=1.
 Dequantizing "into bfloat16" means a weight quantized from bfloat16, whose dequantized values come back in bfloat16
 (the compute dtype of a GPU run); "into float32" the same from float32 (the CPU's).
 Run: .venv/bin/python bench/nf4_speed.py [--repeats N]
@@ -27,7 +31,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from seven_b_cpu import machine
 
-from minilora.nf4 import dequantize_nf4, quantize_nf4
+from minilora.nf4 import dequantize_nf4, dequantize_nf4_slab, quantize_nf4
 
 SHAPES = [(4096, 4096), (4096, 11008)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -57,11 +61,12 @@ def best_times(functions, repeats):
 
 
 def row(operation, shape, dtype, double_quant, times):
-    ours, theirs, torchao = times
+    ours, theirs, torchao, reused = times
     name = str(dtype).removeprefix("torch.")
     ao = f"{torchao * 1e3:>9.1f} {torchao / ours:>8.2f}" if torchao is not None else f"{'-':>9} {'-':>8}"
+    own = f"{reused * 1e3:>9.1f}" if reused is not None else f"{'-':>9}"
     return (f"{operation:<10} {shape[0]}x{shape[1]:<6} {'on' if double_quant else 'off':<3} {name:<9} "
-            f"{ours * 1e3:>9.1f} {theirs * 1e3:>9.1f} {theirs / ours:>8.2f} {ao}")
+            f"{ours * 1e3:>9.1f} {theirs * 1e3:>9.1f} {theirs / ours:>8.2f} {ao} {own}")
 
 
 def main():
@@ -74,7 +79,7 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; NF4, block size 64; best of {args.repeats}")
     print("torchao: " + ("installed" if to_nf4 else "not installed (see this script's docstring): its columns are -"))
     header = (f"\n{'operation':<10} {'shape':<11} {'DQ':<3} {'dtype':<9} {'mini ms':>9} {'bnb ms':>9} {'bnb/mini':>8} "
-              f"{'ao ms':>9} {'ao/mini':>8}")
+              f"{'ao ms':>9} {'ao/mini':>8} {'mini out':>9}")
     print(header)
     print("-" * len(header))
     generator = torch.Generator().manual_seed(0)
@@ -92,14 +97,21 @@ def main():
                               lambda w=w, dq=double_quant: bnbF.quantize_4bit(w, quant_type="nf4",
                                                                               compress_statistics=dq)]
                 dequantizers = [lambda q=q: dequantize_nf4(q), lambda p=packed, s=state: bnbF.dequantize_4bit(p, s)]
+                out, whole = torch.empty(shape, dtype=dtype), (slice(0, shape[0]), slice(0, shape[1]))
+                into_out = [lambda q=q, out=out, whole=whole: dequantize_nf4_slab(q, q.absmax, *whole, out)]
                 if ao is not None:
                     quantizers.append(lambda w=w: to_nf4(w, 64, 256))
                     dequantizers.append(lambda ao=ao: ao.get_original_weight())
-                for operation, functions in (("quantize", quantizers), ("dequantize", dequantizers)):
-                    times = best_times(functions, args.repeats) + [None] * (3 - len(functions))
+                for operation, functions, own in (("quantize", quantizers, []), ("dequantize", dequantizers, into_out)):
+                    times = best_times(functions + own, args.repeats)
+                    reused = times.pop() if own else None
+                    times = [*times, *[None] * (3 - len(times)), reused]
                     print(row(operation, shape, dtype, double_quant, times), flush=True)
-                del w, q, packed, state, ao
+                del w, q, packed, state, ao, out
     print("\nbnb/mini, ao/mini = bitsandbytes' and torchao's best wall time / minilora's (> 1: minilora is faster).")
+    print("mini out = minilora dequantizing into an output it already has (dequantize_nf4_slab over the whole weight):")
+    print("its arithmetic alone, without the page faults of a new output. bitsandbytes has no CPU dequantize into a")
+    print("given output, so its arithmetic cannot be timed alone the same way.")
     print("Goals (issue 16): quantize at least 2x faster than bitsandbytes; dequantize with double quantization, into")
     print("float32 and bfloat16, at most bitsandbytes' time (bnb/mini >= 1).")
 

@@ -15,8 +15,10 @@ from minilora.nf4 import (
     BLOCKSIZES,
     CHUNK,
     DECODE_CHUNK,
+    HUGE_PAGE,
     NF4Tensor,
     dequantize_nf4,
+    empty_on_huge_pages,
     map_blocks,
     nf4_code_rule,
     nf4_codes,
@@ -151,6 +153,50 @@ def test_non_contiguous_and_parameter_inputs():
     assert_identical_to_bnb(w.t(), 64)
     parameter = torch.nn.Parameter(w.clone())
     assert torch.equal(quantize_nf4(parameter).packed, quantize_nf4(w).packed)
+
+
+def test_the_output_on_huge_pages_is_an_ordinary_tensor():
+    """empty_on_huge_pages only advises the kernel: any size gives an ordinary tensor that owns its memory and can
+    grow (a tensor over memory mapped by hand, with torch.frombuffer, could not)."""
+    for numel in (0, 5, HUGE_PAGE // 4 + 3, 3 * HUGE_PAGE // 4):
+        out = empty_on_huge_pages(numel, torch.float32, torch.device("cpu"))
+        assert out.shape == (numel,) and out.dtype == torch.float32 and out.is_contiguous()
+        out.fill_(1.5)
+        assert out.sum().item() == 1.5 * numel
+        out.resize_(numel + 7)
+
+
+def smaps_field(address, field):
+    """A field of /proc/self/smaps for the mapping that holds address (None where the kernel does not list it)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if not head.endswith(":"):  # a mapping's first line: start-end in hexadecimal
+                start, end = (int(bound, 16) for bound in head.split("-"))
+                inside = start <= address < end
+            elif inside and head == field + ":":
+                return line.split()[1]
+    return None
+
+
+def test_the_advice_reaches_the_kernel_where_huge_pages_are_on():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            mode = setting.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this system (not Linux, or not built in)")
+    if "[never]" in mode:
+        pytest.skip("transparent huge pages are switched off on this system")
+    ours, plain = (make(3 * HUGE_PAGE // 4, dtype=torch.float32) for make in
+                   (lambda n, dtype: empty_on_huge_pages(n, dtype, torch.device("cpu")), torch.empty))
+    ours_eligible, plain_eligible = (smaps_field(-(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE, "THPeligible")
+                                     for tensor in (ours, plain))
+    if ours_eligible is None and plain_eligible is None:
+        pytest.skip("this kernel's /proc/self/smaps has no THPeligible field (Linux before 5.0)")
+    assert ours_eligible == "1"
+    if "[madvise]" in mode:  # then only advised memory may get huge pages: the plain tensor's may not
+        assert plain_eligible == "0"
 
 
 def test_dequantize_keeps_shape_and_dtype_unless_told():
@@ -327,7 +373,7 @@ def test_vectorized_path_dispatches_a_few_operations_whatever_the_size(dtype, do
     dispatches the same few at any size; the chunked path about 24 more per chunk to quantize, 15 to dequantize."""
     generator = torch.Generator().manual_seed(6)
     small = torch.randn(257, 511, generator=generator).to(dtype)  # 131,327 values: 5 chunks, a partial block, odd
-    big = torch.randn(4 * 257, 4 * 511, generator=generator).to(dtype)  # 16 times as many: 65 chunks (9 to decode)
+    big = torch.randn(8 * 257, 4 * 511, generator=generator).to(dtype)  # 32 times as many: 129 chunks (9 to decode)
     dequantize_nf4(quantize_nf4(small, double_quant=double_quant))  # builds the cached tables before counting
     counts = {}
     with one_thread():
@@ -339,7 +385,7 @@ def test_vectorized_path_dispatches_a_few_operations_whatever_the_size(dtype, do
     assert counts[True, "small"] == counts[True, "big"], counts
     assert max(counts[True, "big"]) <= OPS_BOUND, counts
     (quantize_small, dequantize_small), (quantize_big, dequantize_big) = counts[False, "small"], counts[False, "big"]
-    assert quantize_big > 8 * quantize_small, counts  # the chunked count grows with the chunks: 5 -> 65
+    assert quantize_big > 8 * quantize_small, counts  # the chunked count grows with the chunks: 5 -> 129
     assert dequantize_big > 3 * dequantize_small, counts  # DECODE_CHUNK's larger chunks: 1 -> 9
     assert min(counts[False, "big"]) > OPS_BOUND, counts
 
