@@ -306,10 +306,11 @@ def decode_rows(packed, absmax, out, vectorized=None):
 
 def empty_on_huge_pages(numel, dtype, device):
     """torch.empty(numel, dtype=dtype, device=device), with the whole 2 MiB ranges of its memory marked for huge
-    pages before anything touches them (on a Linux CPU). A large new tensor comes from the operating system as
-    untouched memory, and the first write to each 4 KiB page stops for a page fault: 16,384 of them for a
-    4096 × 4096 float32 weight. With the advice the kernel backs each 2 MiB range with one fault. It is advice
-    only: where huge pages are switched off, or the memory was touched before, nothing changes."""
+    pages before anything touches them (on a Linux CPU). A large new tensor usually comes from the operating system
+    as untouched memory, and the first write to each 4 KiB page stops for a page fault: 16,384 of them for a
+    4096 × 4096 float32 weight. With the advice the kernel can back each 2 MiB range with one fault. It is advice
+    only: where huge pages are switched off or none is free, nothing changes (the ends of the tensor that are not
+    whole 2 MiB ranges keep 4 KiB pages)."""
     out = torch.empty(numel, dtype=dtype, device=device)
     if device.type == "cpu" and hasattr(mmap, "MADV_HUGEPAGE"):  # the constant exists on Linux only
         first = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE  # whole huge pages inside the tensor's own memory

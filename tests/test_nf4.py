@@ -188,7 +188,9 @@ def test_the_advice_reaches_the_kernel_where_huge_pages_are_on():
         pytest.skip("no transparent huge pages on this system (not Linux, or not built in)")
     if "[never]" in mode:
         pytest.skip("transparent huge pages are switched off on this system")
-    ours, plain = (make(3 * HUGE_PAGE // 4, dtype=torch.float32) for make in
+    # 40 MiB each, above glibc's largest mmap threshold (32 MiB): both come straight from the operating system, never
+    # from heap memory an earlier test's output may have advised already
+    ours, plain = (make(10 * 2**20, dtype=torch.float32) for make in
                    (lambda n, dtype: empty_on_huge_pages(n, dtype, torch.device("cpu")), torch.empty))
     ours_eligible, plain_eligible = (smaps_field(-(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE, "THPeligible")
                                      for tensor in (ours, plain))
