@@ -31,7 +31,7 @@ import bitsandbytes.functional as bnbF
 import torch
 from seven_b_cpu import machine
 
-from minilora.nf4 import dequantize_nf4, dequantize_nf4_slab, quantize_nf4
+from minilora.nf4 import dequantize_nf4, dequantize_nf4_slab, empty_on_huge_pages, quantize_nf4
 
 SHAPES = [(4096, 4096), (4096, 11008)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -97,7 +97,8 @@ def main():
                               lambda w=w, dq=double_quant: bnbF.quantize_4bit(w, quant_type="nf4",
                                                                               compress_statistics=dq)]
                 dequantizers = [lambda q=q: dequantize_nf4(q), lambda p=packed, s=state: bnbF.dequantize_4bit(p, s)]
-                out, whole = torch.empty(shape, dtype=dtype), (slice(0, shape[0]), slice(0, shape[1]))
+                out = empty_on_huge_pages(w.numel(), dtype, w.device).view(shape)  # on the same pages as minilora's
+                whole = slice(0, shape[0]), slice(0, shape[1])
                 into_out = [lambda q=q, out=out, whole=whole: dequantize_nf4_slab(q, q.absmax, *whole, out)]
                 if ao is not None:
                     quantizers.append(lambda w=w: to_nf4(w, 64, 256))
@@ -109,9 +110,9 @@ def main():
                     print(row(operation, shape, dtype, double_quant, times), flush=True)
                 del w, q, packed, state, ao, out
     print("\nbnb/mini, ao/mini = bitsandbytes' and torchao's best wall time / minilora's (> 1: minilora is faster).")
-    print("mini out = minilora dequantizing into an output it already has (dequantize_nf4_slab over the whole weight):")
-    print("its arithmetic alone, without the page faults of a new output. bitsandbytes has no CPU dequantize into a")
-    print("given output, so its arithmetic cannot be timed alone the same way.")
+    print("mini out = minilora dequantizing into an output it already has (dequantize_nf4_slab over the whole weight,")
+    print("on huge pages like dequantize_nf4's): its arithmetic alone, without the page faults of a new output.")
+    print("bitsandbytes has no CPU dequantize into a given output, so its arithmetic cannot be timed alone that way.")
     print("Goals (issue 16): quantize at least 2x faster than bitsandbytes; dequantize with double quantization, into")
     print("float32 and bfloat16, at most bitsandbytes' time (bnb/mini >= 1).")
 
