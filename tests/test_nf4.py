@@ -190,8 +190,8 @@ def test_the_advice_reaches_the_kernel_where_huge_pages_are_on():
         pytest.skip("transparent huge pages are switched off on this system")
     # 40 MiB each, above glibc's largest mmap threshold (32 MiB): both come straight from the operating system, never
     # from heap memory an earlier test's output may have advised already
-    ours, plain = (make(10 * 2**20, dtype=torch.float32) for make in
-                   (lambda n, dtype: empty_on_huge_pages(n, dtype, torch.device("cpu")), torch.empty))
+    ours = empty_on_huge_pages(10 * 2**20, torch.float32, torch.device("cpu"))
+    plain = torch.empty(10 * 2**20, dtype=torch.float32)
     ours_eligible, plain_eligible = (smaps_field(-(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE, "THPeligible")
                                      for tensor in (ours, plain))
     if ours_eligible is None and plain_eligible is None:
